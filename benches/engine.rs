@@ -1,0 +1,95 @@
+//! Engine benchmarks: index build, cold aggregation, report serialisation.
+//!
+//! By default the data is generated at startup (fixed seed) into a temporary directory:
+//! 20 phones x 100,000 records in the reference layout (131 MB), so a 10-phone report does
+//! exactly the work it does on the reference file. To run on the full reference file:
+//!
+//!     cargo run --release --bin datagen            # writes data/data.json (1.31 GB)
+//!     BENCH_DATA=data/data.json cargo bench --bench engine
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use report_service::compute::compute;
+use report_service::data::{Dataset, PhoneIndex};
+use report_service::datagen::{self, Layout, Options};
+use report_service::message::{CorrelationId, PhoneReport, Report};
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+/// The phones of the starting service's first sample task (deduplicated) plus one.
+const TEN_PHONES: [u64; 10] = [1, 2, 3, 5, 11, 17, 19, 13, 7, 9];
+
+struct Fixture {
+    path: PathBuf,
+    /// Keeps the generated file alive for the whole run.
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn fixture(layout: Layout) -> Fixture {
+    if let Some(path) = std::env::var_os("BENCH_DATA").filter(|_| layout == Layout::Sorted) {
+        return Fixture { path: path.into(), _dir: None };
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("data.json");
+    let options = Options { phones: 20, per_phone: 100_000, layout, ..Options::default() };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).expect("create fixture"));
+    datagen::generate(&options, &mut out, &|_| {}).expect("write fixture");
+    drop(out);
+    Fixture { path, _dir: Some(dir) }
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool")
+}
+
+fn index_build(c: &mut Criterion) {
+    let mut group = c.benchmark_group("index_build");
+    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    for (name, layout) in [("sorted", Layout::Sorted), ("shuffled", Layout::Shuffled)] {
+        let fixture = fixture(layout);
+        let bytes = std::fs::read(&fixture.path).expect("read fixture");
+        group.throughput(Throughput::Bytes(bytes.len() as u64));
+        for threads in [1, 2] {
+            let pool = pool(threads);
+            group.bench_with_input(BenchmarkId::new(name, format!("{threads}_threads")), &bytes, |b, bytes| {
+                b.iter(|| PhoneIndex::build(black_box(bytes), &pool).expect("valid fixture"))
+            });
+        }
+    }
+    group.finish();
+}
+
+fn cold_report(c: &mut Criterion) {
+    let fixture = fixture(Layout::Sorted);
+    let mut group = c.benchmark_group("ten_phones_cold");
+    for threads in [1, 2] {
+        let pool = pool(threads);
+        let dataset = Dataset::open(&fixture.path, &pool).expect("valid fixture");
+        let records: u64 = compute(&dataset, &TEN_PHONES, &pool).expect("compute").iter().map(|s| s.records).sum();
+        group.throughput(Throughput::Elements(records));
+        group.bench_function(format!("{threads}_threads"), |b| {
+            b.iter(|| compute(&dataset, black_box(&TEN_PHONES), &pool).expect("compute"))
+        });
+    }
+    group.finish();
+}
+
+fn report_json(c: &mut Criterion) {
+    let fixture = fixture(Layout::Sorted);
+    let pool = pool(2);
+    let dataset = Dataset::open(&fixture.path, &pool).expect("valid fixture");
+    let stats = compute(&dataset, &TEN_PHONES, &pool).expect("compute");
+    let id = CorrelationId::integer("13242421424214").expect("integer");
+    let mut group = c.benchmark_group("report_json");
+    group.throughput(Throughput::Elements(TEN_PHONES.len() as u64));
+    group.bench_function("ten_phones_build_and_serialise", |b| {
+        b.iter(|| {
+            let data = TEN_PHONES.iter().zip(&stats).map(|(&phone, s)| PhoneReport::new(phone, s)).collect();
+            Report::complete(id.clone(), SystemTime::now(), data, Duration::from_micros(12)).to_json()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, index_build, cold_report, report_json);
+criterion_main!(benches);

@@ -1,0 +1,54 @@
+//! The memory mapping of data.json: the crate's one `unsafe`.
+//!
+//! The mapping is read-only and shared. It owns the open file, so the mapped inode stays
+//! alive even when data.json is replaced by rename; the reload watcher then maps the new
+//! file and drops this one when the last report using it finishes.
+
+use super::identity::FileIdentity;
+use memmap2::Mmap;
+use std::fs::File;
+use std::io;
+
+/// A read-only view of one version of a data file.
+#[derive(Debug)]
+pub struct Mapping {
+    map: Mmap,
+    /// Kept open so `still_intact` can stat the mapped inode, not whatever the path
+    /// names now.
+    file: File,
+    identity: FileIdentity,
+}
+
+impl Mapping {
+    /// Maps `file` read-only.
+    ///
+    /// # Safety
+    ///
+    /// The caller must ensure that, for the lifetime of the mapping, nobody truncates
+    /// the file or writes to it in place. The bytes are handed out as `&[u8]`, which the
+    /// compiler assumes immutable: a concurrent in-place write makes reads return
+    /// arbitrary (torn) bytes, and a truncation makes any read of a page past the new end
+    /// raise SIGBUS, which kills the process. Replacing the file by rename is safe: the
+    /// mapping keeps the old inode's blocks alive until it is dropped.
+    pub unsafe fn new(file: File) -> io::Result<Mapping> {
+        let meta = file.metadata()?;
+        // SAFETY: forwarded to our caller, see `# Safety` above.
+        let map = unsafe { Mmap::map(&file)? };
+        Ok(Mapping { map, file, identity: FileIdentity::of_metadata(&meta) })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The identity of the file as it was when it was mapped.
+    pub fn identity(&self) -> FileIdentity {
+        self.identity
+    }
+
+    /// Whether the open file still has the length it was mapped with (a cheap guard
+    /// against reading past the end of a file truncated in place).
+    pub fn still_intact(&self) -> bool {
+        self.file.metadata().is_ok_and(|meta| meta.len() == self.identity.len)
+    }
+}

@@ -1,0 +1,244 @@
+//! Deterministic data.json generation in the reference shape and its harder variants.
+//!
+//! Output depends only on the options (not on thread count): records are produced in
+//! blocks, each from its own generator seeded by (seed, block number), formatted in
+//! parallel on rayon and written in order.
+
+use rayon::prelude::*;
+use std::io::{self, Write};
+
+/// How records are laid out in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// The reference file: compact, grouped by phone.
+    Sorted,
+    /// Compact, records in random order.
+    Shuffled,
+    /// Indented, key order varied per record, extra fields of every JSON type (including
+    /// strings with `{}[],"` and escapes), grouped by phone.
+    Pretty,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    pub phones: u64,
+    pub per_phone: u64,
+    /// The first phone number; phones are `phone_base..phone_base + phones`.
+    pub phone_base: u64,
+    pub seed: u64,
+    pub layout: Layout,
+    /// Shuffle record order whatever the layout (Shuffled implies it).
+    pub shuffle: bool,
+    /// Durations are whole seconds uniform in `0..=max_duration_s`.
+    pub max_duration_s: u64,
+}
+
+impl Default for Options {
+    /// The public reference file: 200 phones x 100,000 records, ~1.31 GB.
+    fn default() -> Self {
+        Options {
+            phones: 200,
+            per_phone: 100_000,
+            phone_base: 0,
+            seed: 42,
+            layout: Layout::Sorted,
+            shuffle: false,
+            max_duration_s: 120,
+        }
+    }
+}
+
+/// Records per block (the unit of parallel formatting).
+const BLOCK: u64 = 1 << 15;
+/// Start dates fall in the 30 days from 2023-05-13 (as in the reference file).
+const FIRST_START_MS: i64 = 1_684_000_000_000;
+const START_WINDOW_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// SplitMix64: tiny, fast, and stable across crate versions (output must never change
+/// for a given seed, or fixtures and benchmark figures stop being comparable).
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0); the modulo bias is below 2^-40 for our ranges.
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Writes the data file described by `options` to `out`, calling `progress` with the
+/// number of bytes written after each batch. Returns the total bytes written.
+pub fn generate(options: &Options, out: &mut impl Write, progress: &dyn Fn(u64)) -> io::Result<u64> {
+    let total = options.phones * options.per_phone;
+    let order = (options.shuffle || options.layout == Layout::Shuffled).then(|| shuffled_order(options));
+    let blocks = total.div_ceil(BLOCK);
+    let batch = (rayon::current_num_threads() as u64 * 4).max(1);
+    let mut written = 0u64;
+    let opening: &[u8] = if options.layout == Layout::Pretty { b"[\n" } else { b"[" };
+    out.write_all(opening)?;
+    written += opening.len() as u64;
+    let mut first = 0;
+    while first < blocks {
+        let last = (first + batch).min(blocks);
+        let buffers: Vec<Vec<u8>> =
+            (first..last).into_par_iter().map(|block| format_block(options, order.as_deref(), block, total)).collect();
+        for buffer in buffers {
+            out.write_all(&buffer)?;
+            written += buffer.len() as u64;
+        }
+        progress(written);
+        first = last;
+    }
+    let closing: &[u8] = if options.layout == Layout::Pretty { b"\n]\n" } else { b"]\n" };
+    out.write_all(closing)?;
+    written += closing.len() as u64;
+    progress(written);
+    Ok(written)
+}
+
+/// The phone (as an offset from `phone_base`) of every record position, shuffled.
+fn shuffled_order(options: &Options) -> Vec<u32> {
+    let phones = u32::try_from(options.phones).unwrap_or(u32::MAX);
+    let mut order: Vec<u32> = (0..phones).flat_map(|p| std::iter::repeat_n(p, options.per_phone as usize)).collect();
+    let mut rng = SplitMix64(options.seed ^ 0x005E_ED0F_0DE5);
+    for i in (1..order.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+fn format_block(options: &Options, order: Option<&[u32]>, block: u64, total: u64) -> Vec<u8> {
+    let mut rng = SplitMix64(options.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ block);
+    let first = block * BLOCK;
+    let last = (first + BLOCK).min(total);
+    let mut buf = Vec::with_capacity(((last - first) * 72) as usize);
+    let mut num = itoa::Buffer::new();
+    for i in first..last {
+        let phone_offset = match order {
+            Some(order) => u64::from(order[i as usize]),
+            None => i / options.per_phone,
+        };
+        let phone = options.phone_base + phone_offset;
+        let start = FIRST_START_MS + rng.below(START_WINDOW_MS) as i64;
+        let end = start + rng.below(options.max_duration_s + 1) as i64 * 1000;
+        if i > 0 {
+            buf.extend_from_slice(if options.layout == Layout::Pretty { b",\n" } else { b"," });
+        }
+        if options.layout == Layout::Pretty {
+            pretty_record(&mut buf, &mut rng, phone, start, end);
+        } else {
+            buf.extend_from_slice(b"{\"phone\":");
+            buf.extend_from_slice(num.format(phone).as_bytes());
+            buf.extend_from_slice(b",\"start_date\":");
+            buf.extend_from_slice(num.format(start).as_bytes());
+            buf.extend_from_slice(b",\"end_date\":");
+            buf.extend_from_slice(num.format(end).as_bytes());
+            buf.push(b'}');
+        }
+    }
+    buf
+}
+
+/// Extra fields a producer might add: every JSON type, and strings full of the bytes a
+/// naive scanner would trip on.
+const EXTRAS: [&str; 6] = [
+    r#""note": "he said \"},{\" and left: [1, 2], {\"phone\": 1}""#,
+    r#""meta": {"carrier": "Mega\\Fon", "tags": ["a,b", {"x": [null, true, false]}], "score": -12.5e-3}"#,
+    r#""operator": "Tele2 \u00e9\u00e8 \ud83d\udcde \/ \b\f\n\r\t""#,
+    r#""flags": [[], {}, [[[]]], 0, -0.0, 1E+2]"#,
+    r#""empty": """#,
+    r#""phone_note": "phone:1,start_date:2,end_date:3}""#,
+];
+
+fn pretty_record(buf: &mut Vec<u8>, rng: &mut SplitMix64, phone: u64, start: i64, end: i64) {
+    let mut fields: Vec<String> =
+        vec![format!("\"phone\": {phone}"), format!("\"start_date\": {start}"), format!("\"end_date\": {end}")];
+    let extras = rng.below(3);
+    for _ in 0..extras {
+        fields.push(EXTRAS[rng.below(EXTRAS.len() as u64) as usize].to_owned());
+    }
+    // Fisher-Yates on the fields: every key order appears.
+    for i in (1..fields.len()).rev() {
+        fields.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    buf.extend_from_slice(b"  {\n");
+    for (i, field) in fields.iter().enumerate() {
+        buf.extend_from_slice(b"    ");
+        buf.extend_from_slice(field.as_bytes());
+        buf.extend_from_slice(if i + 1 < fields.len() { b",\n" } else { b"\n" });
+    }
+    buf.extend_from_slice(b"  }");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generated(options: &Options) -> Vec<u8> {
+        let mut out = Vec::new();
+        let written = generate(options, &mut out, &|_| {}).expect("in-memory write");
+        assert_eq!(written, out.len() as u64);
+        out
+    }
+
+    fn records(bytes: &[u8]) -> Vec<serde_json::Value> {
+        serde_json::from_slice(bytes).expect("datagen writes valid JSON")
+    }
+
+    #[test]
+    fn the_reference_record_shape_is_compact_and_grouped_by_phone() {
+        let options = Options { phones: 3, per_phone: 4, ..Options::default() };
+        let out = generated(&options);
+        assert!(out.starts_with(b"[{\"phone\":0,\"start_date\":"), "{}", String::from_utf8_lossy(&out[..40]));
+        let phones: Vec<u64> = records(&out).iter().map(|r| r["phone"].as_u64().unwrap()).collect();
+        assert_eq!(phones, [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn durations_are_whole_seconds_within_the_maximum() {
+        let out = generated(&Options { phones: 2, per_phone: 500, ..Options::default() });
+        for r in records(&out) {
+            let ms = r["end_date"].as_i64().unwrap() - r["start_date"].as_i64().unwrap();
+            assert!(ms % 1000 == 0 && (0..=120_000).contains(&ms), "{ms}");
+        }
+    }
+
+    #[test]
+    fn output_depends_only_on_the_options() {
+        let options = Options { phones: 5, per_phone: 20_000, layout: Layout::Shuffled, ..Options::default() };
+        let a = generated(&options);
+        let b = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| generated(&options));
+        assert_eq!(a, b);
+        assert_ne!(a, generated(&Options { seed: 7, ..options }));
+    }
+
+    #[test]
+    fn shuffled_and_pretty_layouts_keep_per_phone_counts() {
+        for layout in [Layout::Shuffled, Layout::Pretty] {
+            let out = generated(&Options {
+                phones: 4,
+                per_phone: 50,
+                phone_base: 79_161_234_560,
+                layout,
+                ..Options::default()
+            });
+            let mut counts = std::collections::BTreeMap::new();
+            for r in records(&out) {
+                *counts.entry(r["phone"].as_u64().unwrap()).or_insert(0) += 1;
+            }
+            assert_eq!(
+                counts.into_iter().collect::<Vec<_>>(),
+                (79_161_234_560..79_161_234_564).map(|p| (p, 50)).collect::<Vec<_>>()
+            );
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Test support shared by the integration tests: a slow, obviously-correct reference
+//! implementation of the statistics, and writers of data files in every layout.
+#![allow(dead_code)] // each test binary uses a different part
+
+use report_service::stats::CallStats;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// One record as the reference sees it: serde's derive enforces the schema (integer
+/// fields, no duplicate keys, unknown keys ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct RefRecord {
+    pub phone: u64,
+    pub start_date: i64,
+    pub end_date: i64,
+}
+
+/// The whole file parsed with serde_json, or why it is not a valid data file.
+pub fn reference_parse(bytes: &[u8]) -> Result<Vec<RefRecord>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
+/// Statistics of each phone by a plain scan over every record, written independently of
+/// `CallStats::record` (fields filled directly, buckets by an if-chain).
+pub fn reference_stats(records: &[RefRecord], phones: &[u64]) -> Vec<CallStats> {
+    phones
+        .iter()
+        .map(|&phone| {
+            let durations: Vec<i128> = records
+                .iter()
+                .filter(|r| r.phone == phone)
+                .map(|r| i128::from(r.end_date) - i128::from(r.start_date))
+                .collect();
+            let mut stats = CallStats::EMPTY;
+            stats.records = durations.len() as u64;
+            for &ms in &durations {
+                if ms <= 10_000 {
+                    stats.up_to_10s += 1;
+                } else if ms <= 30_000 {
+                    stats.from_10_to_30s += 1;
+                } else {
+                    stats.over_30s += 1;
+                }
+                if ms > 15_000 {
+                    stats.over_15s_total_ms += ms;
+                }
+            }
+            stats.total_ms = durations.iter().sum();
+            stats.min_ms = durations.iter().copied().min().unwrap_or(i128::MAX);
+            stats.max_ms = durations.iter().copied().max().unwrap_or(i128::MIN);
+            stats
+        })
+        .collect()
+}
+
+/// A small deterministic generator for layout decisions (tests must be reproducible
+/// from the proptest seed alone).
+pub struct Dice(u64);
+
+impl Dice {
+    pub fn new(seed: u64) -> Dice {
+        Dice(seed | 1)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n.max(1)
+    }
+}
+
+/// How a test file is written.
+#[derive(Debug, Clone, Copy)]
+pub enum Style {
+    /// Exactly the reference layout (the fast path).
+    Compact,
+    /// Random whitespace, key order, escaped keys and extra fields of every type, mixed
+    /// with compact records; `seed` drives the choices.
+    Varied { seed: u64 },
+}
+
+const WS: [&str; 6] = ["", " ", "\n", "\t", "\r\n  ", "   "];
+const EXTRAS: [&str; 8] = [
+    r#""note":"he said \"},{\" then [1,2], {\"phone\": 1}""#,
+    r#""meta":{"a":[null,true,false,{"b":-1.5e-3}],"c":"}{"}"#,
+    r#""s":"Tele2 \u00e9 \ud83d\udcde \/ \b\f\n\r\t \\""#,
+    r#""arr":[[],{},[[[]]],0,-0.0,1E+2]"#,
+    r#""phone_like":"{\"phone\":9,\"start_date\":0,\"end_date\":0}""#,
+    r#""e":"""#,
+    "\"utf8\":\"привет, мир\"",
+    r#""num":123456789012345678901234567890"#,
+];
+
+/// Writes `records` as a JSON array in `style`.
+pub fn render(records: &[RefRecord], style: Style) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut dice = match style {
+        Style::Compact => None,
+        Style::Varied { seed } => Some(Dice::new(seed)),
+    };
+    let ws = |dice: &mut Option<Dice>, out: &mut Vec<u8>| {
+        if let Some(d) = dice {
+            out.extend_from_slice(WS[d.below(WS.len())].as_bytes());
+        }
+    };
+    ws(&mut dice, &mut out);
+    out.push(b'[');
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            ws(&mut dice, &mut out);
+            out.push(b',');
+        }
+        ws(&mut dice, &mut out);
+        let text = dice.as_mut().and_then(|d| (d.below(3) > 0).then(|| varied_record(r, d)));
+        let text = text.unwrap_or_else(|| {
+            format!(r#"{{"phone":{},"start_date":{},"end_date":{}}}"#, r.phone, r.start_date, r.end_date)
+        });
+        out.extend_from_slice(text.as_bytes());
+    }
+    ws(&mut dice, &mut out);
+    out.push(b']');
+    ws(&mut dice, &mut out);
+    out
+}
+
+fn varied_record(r: &RefRecord, d: &mut Dice) -> String {
+    let phone_key = if d.below(8) == 0 { r#""ph\u006fne""# } else { r#""phone""# };
+    let mut fields = vec![
+        format!("{phone_key}{}:{}{}", WS[d.below(6)], WS[d.below(6)], r.phone),
+        format!(r#""start_date":{}{}"#, WS[d.below(6)], r.start_date),
+        format!(r#""end_date"{}:{}"#, WS[d.below(6)], r.end_date),
+    ];
+    for _ in 0..d.below(3) {
+        fields.push(EXTRAS[d.below(EXTRAS.len())].to_owned());
+    }
+    for i in (1..fields.len()).rev() {
+        let j = d.below(i + 1);
+        fields.swap(i, j);
+    }
+    let sep = format!("{},{}", WS[d.below(6)], WS[d.below(6)]);
+    format!("{{{}{}{}}}", WS[d.below(6)], fields.join(&sep), WS[d.below(6)])
+}
+
+/// Writes `bytes` to a fresh file in its own temporary directory.
+pub fn temp_file(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("data.json");
+    std::fs::write(&path, bytes).expect("write test data");
+    (dir, path)
+}
+
+pub fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("test pool")
+}
