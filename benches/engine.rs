@@ -8,13 +8,17 @@
 //!     BENCH_DATA=data/data.json cargo bench --bench engine
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use report_service::clock::SystemClock;
 use report_service::compute::compute;
 use report_service::data::{Dataset, PhoneIndex};
 use report_service::datagen::{self, Layout, Options};
-use report_service::message::{CorrelationId, PhoneReport, Report};
+use report_service::engine::Engine;
+use report_service::message::{CorrelationId, PhoneReport, Report, complete_report_json};
+use report_service::metrics::{Metrics, source};
 use std::hint::black_box;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 /// The phones of the starting service's first sample task (deduplicated) plus one.
 const TEN_PHONES: [u64; 10] = [1, 2, 3, 5, 11, 17, 19, 13, 7, 9];
@@ -74,6 +78,37 @@ fn cold_report(c: &mut Criterion) {
     group.finish();
 }
 
+/// A warm report: 10 phones, all cache hits, built and serialised (the service's path
+/// after the task is parsed).
+fn warm_report(c: &mut Criterion) {
+    let fixture = fixture(Layout::Sorted);
+    let pool = Arc::new(pool(2));
+    let dataset = Dataset::open(&fixture.path, &pool).expect("valid fixture");
+    let metrics = Arc::new(Metrics::new());
+    let engine = Engine::new(
+        dataset,
+        Duration::from_secs(600),
+        pool,
+        Arc::new(SystemClock),
+        Arc::clone(&metrics),
+        Box::new(|| {}),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    runtime.block_on(engine.stats(&TEN_PHONES)).expect("warm up the cache");
+    let id = CorrelationId::integer("13242421424214").expect("integer");
+    let mut group = c.benchmark_group("ten_phones_warm");
+    group.throughput(Throughput::Elements(TEN_PHONES.len() as u64));
+    group.bench_function("cache_hits_report_json", |b| {
+        b.iter(|| {
+            let started = Instant::now();
+            let answers = runtime.block_on(engine.stats(black_box(&TEN_PHONES))).expect("hits");
+            complete_report_json(&id, SystemTime::now(), answers.iter().map(|a| &a.json[..]), || started.elapsed())
+        })
+    });
+    group.finish();
+    assert_eq!(metrics.phones_with(source::COMPUTED), TEN_PHONES.len() as u64, "every timed lookup was a hit");
+}
+
 fn report_json(c: &mut Criterion) {
     let fixture = fixture(Layout::Sorted);
     let pool = pool(2);
@@ -82,7 +117,7 @@ fn report_json(c: &mut Criterion) {
     let id = CorrelationId::integer("13242421424214").expect("integer");
     let mut group = c.benchmark_group("report_json");
     group.throughput(Throughput::Elements(TEN_PHONES.len() as u64));
-    group.bench_function("ten_phones_build_and_serialise", |b| {
+    group.bench_function("ten_phones_serde_path", |b| {
         b.iter(|| {
             let data = TEN_PHONES.iter().zip(&stats).map(|(&phone, s)| PhoneReport::new(phone, s)).collect();
             Report::complete(id.clone(), SystemTime::now(), data, Duration::from_micros(12)).to_json()
@@ -91,5 +126,5 @@ fn report_json(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, index_build, cold_report, report_json);
+criterion_group!(benches, index_build, cold_report, warm_report, report_json);
 criterion_main!(benches);

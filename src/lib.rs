@@ -5,15 +5,35 @@
 //! - [`data`]: data.json mapped read-only, validated and indexed once (phone -> spans).
 //! - [`stats`]: exact per-phone aggregation in integer milliseconds; pure.
 //! - [`compute`]: the statistics of a list of phones, in parallel on a rayon pool.
+//! - [`cache`]: the TTL map of per-phone statistics, tagged by data version.
+//! - [`engine`]: cache lookups, single-flight computation on the pool, data swaps.
+//! - [`snapshot`]: the cache's file format and write-behind thread.
 //! - [`message`]: the wire contract (task parsing, report JSON).
+//! - [`broker`]: RabbitMQ connection, topology, consume and confirmed publish.
+//! - [`service`]: the task pipeline, the ack decision and the consume loop.
+//! - [`app`]: wiring from a [`config::Config`] to a running service.
+//! - [`http`], [`health`], [`metrics`], [`telemetry`]: what operators see.
+//! - [`config`], [`clock`], [`shutdown`], [`cpu`]: inputs.
 //! - [`datagen`]: deterministic data.json generation for tests, benches and users.
-//! - [`cpu`]: the startup check for the CPU features the build assumes.
 //!
 //! The binaries in `src/bin` only parse arguments and call into these modules.
 
+pub mod app;
+pub mod broker;
+pub mod cache;
+pub mod clock;
 pub mod compute;
+pub mod config;
 pub mod cpu;
 pub mod data;
 pub mod datagen;
+pub mod engine;
+pub mod health;
+pub mod http;
 pub mod message;
+pub mod metrics;
+pub mod service;
+pub mod shutdown;
+pub mod snapshot;
 pub mod stats;
+pub mod telemetry;

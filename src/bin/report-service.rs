@@ -1,55 +1,122 @@
-//! The report-service binary: `report` prints one report without a broker.
+//! report-service: the worker (no subcommand), `report` (one report without a broker)
+//! and `healthcheck` (for container health checks).
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use report_service::data::Dataset;
-use report_service::message::{CorrelationId, PhoneReport, Report, dedup_phones};
+use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use report_service::clock::SystemClock;
+use report_service::config::{Config, SETTINGS};
+use report_service::message::{CorrelationId, complete_report_json, dedup_phones};
+use report_service::telemetry::{self, LogTarget};
+use report_service::{app, http, shutdown};
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
+/// Call-statistics report worker for RabbitMQ. Every setting is an environment variable
+/// and the flag of the same name (`PREFETCH` / `--prefetch`); flags win.
 #[derive(Debug, Parser)]
-#[command(version, about = "Call-statistics report worker for RabbitMQ")]
+#[command(version)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print one report as JSON on stdout, computed from a data file without a broker.
     Report {
-        /// The call records.
-        #[arg(long, default_value = "data/data.json")]
-        data: PathBuf,
+        /// The call records (default: DATA_PATH, else data/data.json).
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Comma-separated phones, e.g. 1,2,3.
         #[arg(long, value_delimiter = ',', required = true)]
         phones: Vec<u64>,
         /// Echoed in the report (an integer).
         #[arg(long, default_value = "0", value_parser = parse_correlation_id)]
         correlation_id: CorrelationId,
-        /// Threads used to index and aggregate (default: number of cores).
-        #[arg(long)]
-        threads: Option<usize>,
     },
+    /// Exit 0 when the worker at HTTP_ADDR reports ready on /health, 1 otherwise.
+    Healthcheck,
 }
 
 fn parse_correlation_id(text: &str) -> Result<CorrelationId, String> {
     CorrelationId::integer(text).ok_or_else(|| format!("`{text}` is not an integer"))
 }
 
-fn main() -> Result<()> {
-    report_service::cpu::ensure_supported()?;
-    match Cli::parse().command {
-        Command::Report { data, phones, correlation_id, threads } => {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(0)).build()?;
-            let dataset = Dataset::open(&data, &pool).with_context(|| format!("cannot use {}", data.display()))?;
-            let (received, started) = (SystemTime::now(), Instant::now());
-            let phones = dedup_phones(phones);
-            let stats = report_service::compute::compute(&dataset, &phones, &pool)?;
-            let data = phones.iter().zip(&stats).map(|(&phone, stats)| PhoneReport::new(phone, stats)).collect();
-            let report = Report::complete(correlation_id, received, data, started.elapsed());
-            println!("{}", String::from_utf8_lossy(&report.to_json()));
-            Ok(())
+/// `AMQP_URL` -> `amqp-url`.
+fn flag_name(variable: &str) -> String {
+    variable.to_ascii_lowercase().replace('_', "-")
+}
+
+/// The environment, overridden by flags.
+fn config(matches: &ArgMatches) -> Result<Config> {
+    let mut vars = Config::env_vars();
+    for setting in SETTINGS {
+        if let Some(value) = matches.get_one::<String>(setting.variable) {
+            vars.insert(setting.variable.to_owned(), value.clone());
         }
     }
+    Ok(Config::from_vars(&vars)?)
+}
+
+fn main() -> Result<()> {
+    report_service::cpu::ensure_supported()?;
+    let settings = SETTINGS.iter().map(|s| {
+        let default = s.default.map_or_else(String::new, |d| format!(" [default: {d}]"));
+        Arg::new(s.variable)
+            .long(flag_name(s.variable))
+            .global(true)
+            .help(format!("{} ({}){default}", s.help, s.variable))
+    });
+    let matches = Cli::command().args(settings).get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    let config = config(&matches)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        None => {
+            telemetry::init(&config.log_filter, LogTarget::Stdout)?;
+            runtime.block_on(worker(config))
+        }
+        Some(Command::Report { data, phones, correlation_id }) => {
+            telemetry::init(&config.log_filter, LogTarget::Stderr)?;
+            let data = data.unwrap_or(config.data_path.clone());
+            runtime.block_on(one_report(config, data, phones, correlation_id))
+        }
+        Some(Command::Healthcheck) => {
+            let ready = http::probe(config.http_addr, Duration::from_secs(3)).unwrap_or(false);
+            std::process::exit(if ready { 0 } else { 1 })
+        }
+    }
+}
+
+async fn worker(config: Config) -> Result<()> {
+    let timeout = config.shutdown_timeout;
+    let running = app::start(config, Arc::new(SystemClock)).await?;
+    shutdown::cancel_on_signals(running.shutdown_token())?;
+    running.shutdown_token().cancelled().await;
+    tokio::time::timeout(timeout, running.stopped())
+        .await
+        .with_context(|| format!("did not stop within SHUTDOWN_TIMEOUT_SECS={}", timeout.as_secs()))?
+}
+
+/// The same engine path as the worker (cache disabled): index, compute, serialise.
+async fn one_report(config: Config, data: PathBuf, phones: Vec<u64>, correlation_id: CorrelationId) -> Result<()> {
+    let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(config.worker_threads.get()).build()?);
+    let dataset = app::load(&data, &pool).await?;
+    let metrics = Arc::new(report_service::metrics::Metrics::new());
+    let engine = report_service::engine::Engine::new(
+        dataset,
+        Duration::ZERO,
+        pool,
+        Arc::new(SystemClock),
+        metrics,
+        Box::new(|| {}),
+    );
+    let (received, started) = (SystemTime::now(), Instant::now());
+    let phones = dedup_phones(phones);
+    let answers = engine.stats(&phones).await?;
+    let report =
+        complete_report_json(&correlation_id, received, answers.iter().map(|a| &a.json[..]), || started.elapsed());
+    println!("{}", String::from_utf8_lossy(&report));
+    Ok(())
 }

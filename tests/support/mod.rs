@@ -2,6 +2,8 @@
 //! implementation of the statistics, and writers of data files in every layout.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod amqp;
+
 use report_service::stats::CallStats;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -154,4 +156,32 @@ pub fn temp_file(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
 
 pub fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("test pool")
+}
+
+/// Starts an in-process service on `names`' queues over `data`, with its snapshot in
+/// `dir`, HTTP on an ephemeral port, and `extra` settings on top.
+pub async fn start_service(
+    names: &amqp::Names,
+    data: &std::path::Path,
+    dir: &std::path::Path,
+    extra: &[(&str, &str)],
+    clock: std::sync::Arc<dyn report_service::clock::Clock>,
+) -> report_service::app::Running {
+    let mut vars: std::collections::HashMap<String, String> =
+        names.vars().into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    for (k, v) in [
+        ("DATA_PATH", data.display().to_string()),
+        ("SNAPSHOT_PATH", dir.join("cache.snapshot").display().to_string()),
+        ("SNAPSHOT_INTERVAL_MS", "10".to_owned()),
+        ("HTTP_ADDR", "127.0.0.1:0".to_owned()),
+        ("WORKER_THREADS", "2".to_owned()),
+        ("SHUTDOWN_TIMEOUT_SECS", "20".to_owned()),
+    ] {
+        vars.insert(k.to_owned(), v);
+    }
+    for (k, v) in extra {
+        vars.insert((*k).to_owned(), (*v).to_owned());
+    }
+    let config = report_service::config::Config::from_vars(&vars).expect("test config");
+    report_service::app::start(config, clock).await.expect("service starts")
 }

@@ -1,16 +1,9 @@
-//! The wire contract: task messages in, report messages out (SPEC section 4).
-//!
-//! Parsing a task classifies every body into a usable task (possibly with invalid
-//! phones, which earns an error report) or a rejection (which is dead-lettered).
-//! Building a report turns per-phone statistics into the exact JSON clients expect.
-//! No I/O here: the broker module moves bytes, the service module decides.
+//! Task messages: classifying a body as a task to answer (perhaps with invalid phones,
+//! which earns an error report) or a message to dead-letter.
 
-use crate::stats::CallStats;
 use serde::Serialize;
 use sonic_rs::{JsonContainerTrait, JsonValueTrait, RawNumber, Value};
-use std::time::{Duration, SystemTime};
 
-/// The id a client matches its report by, echoed with its JSON type.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CorrelationId {
     /// A JSON integer, kept as its exact text (any size).
@@ -62,7 +55,7 @@ pub enum Rejection {
     TooLarge { size: usize, limit: usize },
     #[error("body is not JSON: {detail}")]
     NotJson { detail: String },
-    #[error("no usable correlation id in the body or the AMQP properties")]
+    #[error("no usable correlation id (an integer or a string of 1 to 255 bytes) in the body or the AMQP properties")]
     NoCorrelationId,
 }
 
@@ -122,17 +115,22 @@ pub fn parse_task(body: &[u8], property_id: Option<&str>, limits: Limits) -> Res
     Ok(Task { correlation_id, phones: phones_of(&doc, limits.max_phones) })
 }
 
+/// An id longer than this cannot be carried in the AMQP `correlation_id` property (a
+/// short string), which every report sets; such an id is not usable.
+pub const MAX_CORRELATION_ID_BYTES: usize = 255;
+
 fn body_correlation_id(body: &[u8], doc: &Value) -> Option<CorrelationId> {
     let value = doc.as_object()?.get(&"correlation_id")?;
-    if let Some(text) = value.as_str() {
-        return (!text.is_empty()).then(|| CorrelationId::Text(text.to_owned()));
-    }
-    if value.is_number() {
+    let id = if let Some(text) = value.as_str() {
+        (!text.is_empty()).then(|| CorrelationId::Text(text.to_owned()))?
+    } else if value.is_number() {
         // The DOM holds numbers as u64/i64/f64; the exact text comes from the body.
         let raw = sonic_rs::get_from_slice(body, &["correlation_id"]).ok()?;
-        return CorrelationId::integer(raw.as_raw_str());
-    }
-    None
+        CorrelationId::integer(raw.as_raw_str())?
+    } else {
+        return None;
+    };
+    (id.as_property().len() <= MAX_CORRELATION_ID_BYTES).then_some(id)
 }
 
 fn phones_of(doc: &Value, max_phones: usize) -> Result<Vec<u64>, InvalidPhones> {
@@ -166,118 +164,6 @@ fn excerpt(value: &Value) -> String {
     text
 }
 
-/// `status` of a report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Status {
-    Complete,
-    Error,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct DurationCounts {
-    #[serde(rename = "10_sec")]
-    pub up_to_10s: u64,
-    #[serde(rename = "10_30_sec")]
-    pub from_10_to_30s: u64,
-    #[serde(rename = "30_sec")]
-    pub over_30s: u64,
-}
-
-/// One phone's entry in a report's `data`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PhoneReport {
-    pub phone: u64,
-    pub cnt_all_attempts: u64,
-    pub cnt_att_dur: DurationCounts,
-    pub min_price_att: Option<f64>,
-    pub max_price_att: Option<f64>,
-    pub avg_dur_att: Option<f64>,
-    pub sum_price_att_over_15: f64,
-}
-
-impl PhoneReport {
-    pub fn new(phone: u64, stats: &CallStats) -> PhoneReport {
-        PhoneReport {
-            phone,
-            cnt_all_attempts: stats.records,
-            cnt_att_dur: DurationCounts {
-                up_to_10s: stats.up_to_10s,
-                from_10_to_30s: stats.from_10_to_30s,
-                over_30s: stats.over_30s,
-            },
-            min_price_att: stats.min_price(),
-            max_price_att: stats.max_price(),
-            avg_dur_att: stats.avg_duration(),
-            sum_price_att_over_15: stats.sum_price_over_15s(),
-        }
-    }
-}
-
-/// `error` of an error report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ReportError {
-    pub code: &'static str,
-    pub message: String,
-}
-
-/// A report message, field order as the starting service wrote it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Report {
-    pub correlation_id: CorrelationId,
-    pub status: Status,
-    /// UTC, `%Y-%m-%d %H:%M:%S.%f`.
-    pub task_received: String,
-    pub from: &'static str,
-    pub to: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<ReportError>,
-    pub data: Vec<PhoneReport>,
-    /// Seconds from receipt of the task to the report being ready.
-    pub total_duration: f64,
-}
-
-impl Report {
-    pub fn complete(
-        correlation_id: CorrelationId,
-        received: SystemTime,
-        data: Vec<PhoneReport>,
-        took: Duration,
-    ) -> Report {
-        Report {
-            correlation_id,
-            status: Status::Complete,
-            task_received: format_timestamp(received),
-            from: "report_service",
-            to: "client",
-            error: None,
-            data,
-            total_duration: took.as_secs_f64(),
-        }
-    }
-
-    pub fn error(correlation_id: CorrelationId, received: SystemTime, error: &InvalidPhones, took: Duration) -> Report {
-        Report {
-            status: Status::Error,
-            error: Some(ReportError { code: error.code(), message: error.to_string() }),
-            ..Report::complete(correlation_id, received, Vec::new(), took)
-        }
-    }
-
-    /// The message body.
-    pub fn to_json(&self) -> Vec<u8> {
-        // Infallible: writing to a Vec cannot fail, every map key is a string, and no
-        // field has a fallible Serialize (non-finite floats are written as null).
-        sonic_rs::to_vec(self).unwrap_or_default()
-    }
-}
-
-/// `2026-11-27 21:22:03.049772` (UTC, microseconds).
-pub fn format_timestamp(at: SystemTime) -> String {
-    let format =
-        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]");
-    time::OffsetDateTime::from(at).format(&format).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,10 +172,6 @@ mod tests {
 
     fn task(body: &str) -> Result<Task, Rejection> {
         parse_task(body.as_bytes(), None, LIMITS)
-    }
-
-    fn json(report: &Report) -> String {
-        String::from_utf8(report.to_json()).expect("utf-8")
     }
 
     #[test]
@@ -322,6 +204,10 @@ mod tests {
         assert_eq!(task(r#"{"phones": [1]}"#).unwrap_err(), Rejection::NoCorrelationId);
         assert_eq!(task(r#"{"correlation_id": "", "phones": [1]}"#).unwrap_err(), Rejection::NoCorrelationId);
         assert_eq!(task(r#"{"correlation_id": null, "phones": [1]}"#).unwrap_err(), Rejection::NoCorrelationId);
+        let long_id = format!(r#"{{"correlation_id": "{}", "phones": [1]}}"#, "x".repeat(256));
+        assert_eq!(task(&long_id).unwrap_err(), Rejection::NoCorrelationId);
+        let longest = format!(r#"{{"correlation_id": "{}", "phones": [1]}}"#, "x".repeat(255));
+        assert!(task(&longest).is_ok());
         let big = format!(r#"{{"correlation_id": 1, "phones": [{}]}}"#, "1,".repeat(600));
         assert_eq!(task(&big).unwrap_err(), Rejection::TooLarge { size: big.len(), limit: 1024 });
     }
@@ -340,48 +226,5 @@ mod tests {
         assert_eq!(code(r#"{"correlation_id": 1, "phones": [1,2,3,4,5,6,7,8,9]}"#), "too_many_phones");
         let message = task(r#"{"correlation_id": 1, "phones": [1, "x"]}"#).unwrap().phones.unwrap_err().to_string();
         assert!(message.starts_with(r#"phones[1] is "x";"#), "{message}");
-    }
-
-    #[test]
-    fn a_report_serialises_in_the_contract_format() {
-        let mut stats = CallStats::EMPTY;
-        for s in [0i64, 10, 11, 30, 31, 120] {
-            stats.record(0, s * 1000);
-        }
-        let received = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_814_523_049_772);
-        let id = CorrelationId::integer("13242421424214").unwrap();
-        let report = Report::complete(
-            id,
-            received,
-            vec![PhoneReport::new(1, &stats), PhoneReport::new(2, &CallStats::EMPTY)],
-            Duration::from_micros(12_300),
-        );
-        assert_eq!(
-            json(&report),
-            concat!(
-                r#"{"correlation_id":13242421424214,"status":"Complete","task_received":"2026-11-27 21:22:03.049772","#,
-                r#""from":"report_service","to":"client","data":["#,
-                r#"{"phone":1,"cnt_all_attempts":6,"cnt_att_dur":{"10_sec":2,"10_30_sec":2,"30_sec":2},"#,
-                r#""min_price_att":0.0,"max_price_att":1200.0,"avg_dur_att":33.666666666666664,"sum_price_att_over_15":1810.0},"#,
-                r#"{"phone":2,"cnt_all_attempts":0,"cnt_att_dur":{"10_sec":0,"10_30_sec":0,"30_sec":0},"#,
-                r#""min_price_att":null,"max_price_att":null,"avg_dur_att":null,"sum_price_att_over_15":0.0}],"#,
-                r#""total_duration":0.0123}"#
-            )
-        );
-    }
-
-    #[test]
-    fn an_error_report_has_status_error_code_message_and_empty_data() {
-        let report = Report::error(
-            CorrelationId::Text("x".into()),
-            SystemTime::UNIX_EPOCH,
-            &InvalidPhones::NotArray,
-            Duration::ZERO,
-        );
-        let text = json(&report);
-        assert!(
-            text.contains(r#""status":"Error","task_received":"1970-01-01 00:00:00.000000","from":"report_service","to":"client","error":{"code":"phones_not_array","message":"`phones` must be an array of phone numbers"},"data":[],"#),
-            "{text}"
-        );
     }
 }

@@ -1,0 +1,215 @@
+//! Wiring: builds the service from a [`Config`] and runs it until shutdown.
+//!
+//! Startup order: bind `/health` (so it reports "not ready" while loading), index the
+//! data on the pool, restore the snapshot, start the snapshot writer, then consume.
+//! Shutdown order: stop consuming and drain tasks, flush the snapshot, stop HTTP.
+
+use crate::broker::Topology;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::data::Dataset;
+use crate::engine::Engine;
+use crate::health::Health;
+use crate::message::Limits;
+use crate::metrics::Metrics;
+use crate::service::{self, Pipeline};
+use crate::snapshot::{self, DirtyMarker, Snapshot, SnapshotWriter};
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// A started service.
+#[derive(Debug)]
+pub struct Running {
+    shutdown: CancellationToken,
+    /// Consumes until shutdown, then flushes the snapshot and stops HTTP. Awaited by
+    /// `stopped`.
+    main: JoinHandle<()>,
+    http_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    engine: Engine,
+    snapshot_writes: Option<watch::Receiver<u64>>,
+}
+
+impl Running {
+    /// The `/health` and `/metrics` address actually bound (`HTTP_ADDR` may use port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Counts snapshot writes (None when the cache is disabled).
+    pub fn snapshot_writes(&self) -> Option<watch::Receiver<u64>> {
+        self.snapshot_writes.clone()
+    }
+
+    /// The token that stops the service when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the service has stopped (after its shutdown token is cancelled).
+    pub async fn stopped(self) -> anyhow::Result<()> {
+        self.main.await.context("the service's main task failed")
+    }
+
+    /// Stops the service and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.stopped().await
+    }
+}
+
+/// Starts the service: returns once the data is indexed and consuming has begun (the
+/// first connection may still be retrying).
+pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on HTTP_ADDR={}", config.http_addr))?;
+    let http_addr = listener.local_addr()?;
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(crate::http::serve(listener, Arc::clone(&health), Arc::clone(&metrics), http_stop.clone()));
+    info!(address = %http_addr, "serving /health and /metrics");
+
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(config.worker_threads.get())
+            .thread_name(|i| format!("report-worker-{i}"))
+            .panic_handler(|_| tracing::error!("a worker thread panicked; the affected tasks are requeued"))
+            .build()
+            .context("cannot start the worker pool")?,
+    );
+    let dataset = load(&config.data_path, &pool).await?;
+    let marker = DirtyMarker::default();
+    let mark = marker.clone();
+    let engine = Engine::new(
+        dataset,
+        config.cache_ttl,
+        Arc::clone(&pool),
+        clock,
+        Arc::clone(&metrics),
+        Box::new(move || mark.mark()),
+    );
+    let writer = if config.cache_ttl.is_zero() {
+        info!("cache disabled (CACHE_TTL_SECS=0): no snapshot is read or written");
+        None
+    } else {
+        restore(&config.snapshot_path, &engine);
+        let source_engine = engine.clone();
+        let source: snapshot::Source = Box::new(move || {
+            let (identity, entries) = source_engine.snapshot_contents();
+            Snapshot { identity, written_ms: crate::clock::SystemClock.now_ms(), entries }
+        });
+        let writer = SnapshotWriter::spawn(
+            marker,
+            config.snapshot_path.clone(),
+            config.snapshot_interval,
+            source,
+            Arc::clone(&metrics),
+        )
+        .context("cannot start the snapshot writer")?;
+        Some(writer)
+    };
+    let snapshot_writes = writer.as_ref().map(SnapshotWriter::written);
+    health.set_index_ready(true);
+
+    let shutdown = CancellationToken::new();
+    let pipeline = Arc::new(Pipeline {
+        engine: engine.clone(),
+        limits: Limits { max_task_bytes: config.max_task_bytes.get(), max_phones: config.max_phones_per_task.get() },
+        metrics: Arc::clone(&metrics),
+    });
+    // Three quarters of the shutdown budget for tasks in flight; the rest flushes the
+    // snapshot and closes the connection.
+    let drain = config.shutdown_timeout.mul_f64(0.75);
+    let serve = service::serve(Topology::from_config(&config), pipeline, Arc::clone(&health), shutdown.clone(), drain);
+    let main = tokio::spawn(async move {
+        serve.await;
+        if let Some(writer) = writer {
+            // Joining the writer thread blocks: not on the runtime's threads.
+            if tokio::task::spawn_blocking(move || writer.shutdown()).await.is_err() {
+                warn!("the final snapshot flush failed");
+            }
+        }
+        http_stop.cancel();
+        let _ = http.await;
+        info!("stopped");
+    });
+    Ok(Running { shutdown, main, http_addr, metrics, health, engine, snapshot_writes })
+}
+
+/// Maps and indexes data.json on the pool.
+pub async fn load(path: &Path, pool: &Arc<rayon::ThreadPool>) -> anyhow::Result<Dataset> {
+    let (sender, receiver) = oneshot::channel();
+    let (path_buf, build_pool) = (path.to_owned(), Arc::clone(pool));
+    pool.spawn(move || {
+        let _ = sender.send(Dataset::open(&path_buf, &build_pool));
+    });
+    let dataset = receiver
+        .await
+        .context("the index build was abandoned")?
+        .with_context(|| format!("cannot use DATA_PATH={}", path.display()))?;
+    let summary = dataset.index().summary();
+    info!(
+        path = %path.display(),
+        bytes = dataset.identity().len,
+        records = summary.records,
+        phones = summary.phones,
+        spans = summary.spans,
+        index_heap_bytes = summary.heap_bytes,
+        millis = dataset.build_time().as_millis() as u64,
+        "data indexed"
+    );
+    if summary.negative_durations > 0 {
+        warn!(
+            records = summary.negative_durations,
+            "records with end_date before start_date: kept, with negative durations"
+        );
+    }
+    Ok(dataset)
+}
+
+/// Restores the snapshot if it belongs to the data being served. A snapshot that cannot
+/// be used is logged and moved aside; the service starts with an empty cache.
+fn restore(path: &Path, engine: &Engine) {
+    let identity = engine.current().dataset.identity();
+    match snapshot::load(path) {
+        Ok(None) => info!(path = %path.display(), "no cache snapshot; starting with an empty cache"),
+        Ok(Some(snapshot)) if snapshot.identity == identity => {
+            let restored = engine.restore(&snapshot.entries);
+            info!(path = %path.display(), restored, stored = snapshot.entries.len(), "cache restored from snapshot");
+        }
+        Ok(Some(_)) => info!(path = %path.display(), "cache snapshot belongs to another data.json; ignored"),
+        Err(error) => {
+            let now = crate::clock::SystemClock.now_ms();
+            // An unreadable file (permissions) may not be movable either: then it stays,
+            // and is overwritten by the next snapshot write.
+            let aside = snapshot::quarantine(path, now).ok();
+            warn!(
+                path = %path.display(),
+                %error,
+                moved_to = aside.as_ref().map(|p| p.display().to_string()),
+                "unusable cache snapshot; starting with an empty cache"
+            );
+        }
+    }
+}

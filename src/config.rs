@@ -1,0 +1,276 @@
+//! Configuration: one typed [`Config`], read from environment variables (each also a
+//! command-line flag of the same name in kebab case), validated at startup.
+//!
+//! Building a `Config` from a map of variables is pure ([`Config::from_vars`]), so tests
+//! build configs without touching the process environment. A bad value is reported
+//! with the variable's name; nothing here connects, opens or binds anything.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroUsize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One setting: its variable, default (None = computed) and meaning.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    pub variable: &'static str,
+    pub default: Option<&'static str>,
+    pub help: &'static str,
+}
+
+/// Every setting, in README order. Defaults are stated here and nowhere else in code.
+pub const SETTINGS: [Setting; 16] = [
+    Setting { variable: "AMQP_URL", default: Some("amqp://guest:guest@127.0.0.1:5672/%2f"), help: "broker URL" },
+    Setting { variable: "TASK_QUEUE", default: Some("task_report"), help: "queue tasks are consumed from" },
+    Setting { variable: "REPORT_QUEUE", default: Some("ready_report"), help: "queue reports go to without reply_to" },
+    Setting {
+        variable: "DEAD_LETTER_QUEUE",
+        default: Some("task_report.dlq"),
+        help: "queue unusable messages are copied to",
+    },
+    Setting { variable: "DATA_PATH", default: Some("data/data.json"), help: "the call records" },
+    Setting { variable: "CACHE_TTL_SECS", default: Some("600"), help: "cache TTL in seconds; 0 disables the cache" },
+    Setting { variable: "SNAPSHOT_PATH", default: Some("data/cache.snapshot"), help: "cache snapshot file" },
+    Setting { variable: "SNAPSHOT_INTERVAL_MS", default: Some("1000"), help: "write-behind period of the snapshot" },
+    Setting {
+        variable: "DATA_POLL_INTERVAL_MS",
+        default: Some("2000"),
+        help: "how often data.json is checked for replacement",
+    },
+    Setting { variable: "PREFETCH", default: Some("64"), help: "tasks in flight per instance (1..=65535)" },
+    Setting { variable: "MAX_PHONES_PER_TASK", default: Some("10000"), help: "larger tasks get an error report" },
+    Setting { variable: "MAX_TASK_BYTES", default: Some("1048576"), help: "larger bodies are dead-lettered" },
+    Setting { variable: "WORKER_THREADS", default: None, help: "rayon pool size (default: number of cores)" },
+    Setting { variable: "HTTP_ADDR", default: Some("127.0.0.1:9090"), help: "address of /health and /metrics" },
+    Setting { variable: "SHUTDOWN_TIMEOUT_SECS", default: Some("30"), help: "drain limit on SIGTERM/SIGINT" },
+    Setting { variable: "RUST_LOG", default: Some("info"), help: "log filter (tracing EnvFilter syntax)" },
+];
+
+/// A setting that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {variable}={value:?}: expected {expected}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    /// The value as given (a URL's password redacted).
+    pub value: String,
+    pub expected: &'static str,
+}
+
+/// A broker URL; its `Debug` and `Display` hide the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpUrl(String);
+
+impl AmqpUrl {
+    /// The full URL, password included: for connecting only, never for logs.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AmqpUrl({})", redact(&self.0))
+    }
+}
+
+/// `amqp://user:secret@host/` -> `amqp://user:***@host/`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let hidden = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
+            format!("{scheme}://{hidden}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The service's settings. See [`SETTINGS`] for defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub amqp_url: AmqpUrl,
+    pub task_queue: String,
+    pub report_queue: String,
+    pub dead_letter_queue: String,
+    pub data_path: PathBuf,
+    /// Zero disables the cache.
+    pub cache_ttl: Duration,
+    pub snapshot_path: PathBuf,
+    pub snapshot_interval: Duration,
+    pub data_poll_interval: Duration,
+    pub prefetch: NonZeroU16,
+    pub max_phones_per_task: NonZeroUsize,
+    pub max_task_bytes: NonZeroUsize,
+    pub worker_threads: NonZeroUsize,
+    pub http_addr: SocketAddr,
+    pub shutdown_timeout: Duration,
+    pub log_filter: String,
+}
+
+impl Config {
+    /// Builds a config from variables (missing ones take their defaults).
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let get = |variable: &'static str| -> Value {
+            let default = SETTINGS.iter().find(|s| s.variable == variable).and_then(|s| s.default);
+            Value { variable, raw: vars.get(variable).map(String::as_str).or(default) }
+        };
+        Ok(Config {
+            amqp_url: get("AMQP_URL").amqp_url()?,
+            task_queue: get("TASK_QUEUE").queue()?,
+            report_queue: get("REPORT_QUEUE").queue()?,
+            dead_letter_queue: get("DEAD_LETTER_QUEUE").queue()?,
+            data_path: get("DATA_PATH").path()?,
+            cache_ttl: Duration::from_secs(get("CACHE_TTL_SECS").number(0, u64::MAX / 1000)?),
+            snapshot_path: get("SNAPSHOT_PATH").path()?,
+            snapshot_interval: Duration::from_millis(get("SNAPSHOT_INTERVAL_MS").number(1, u64::MAX)?),
+            data_poll_interval: Duration::from_millis(get("DATA_POLL_INTERVAL_MS").number(1, u64::MAX)?),
+            prefetch: get("PREFETCH").non_zero()?,
+            max_phones_per_task: get("MAX_PHONES_PER_TASK").non_zero()?,
+            max_task_bytes: get("MAX_TASK_BYTES").non_zero()?,
+            worker_threads: match get("WORKER_THREADS").raw {
+                Some(_) => get("WORKER_THREADS").non_zero()?,
+                None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+            },
+            http_addr: get("HTTP_ADDR").parse("a socket address such as 127.0.0.1:9090")?,
+            shutdown_timeout: Duration::from_secs(get("SHUTDOWN_TIMEOUT_SECS").number(0, u64::MAX / 1000)?),
+            log_filter: get("RUST_LOG").text()?,
+        })
+    }
+
+    /// The process environment's values of every setting.
+    pub fn env_vars() -> HashMap<String, String> {
+        SETTINGS
+            .iter()
+            .filter_map(|s| std::env::var(s.variable).ok().map(|value| (s.variable.to_owned(), value)))
+            .collect()
+    }
+}
+
+/// A variable's raw value (or default) being validated.
+struct Value<'a> {
+    variable: &'static str,
+    raw: Option<&'a str>,
+}
+
+impl Value<'_> {
+    fn error(&self, expected: &'static str) -> ConfigError {
+        ConfigError { variable: self.variable, value: redact(self.raw.unwrap_or("")), expected }
+    }
+
+    fn text(&self) -> Result<String, ConfigError> {
+        self.raw.map(str::to_owned).ok_or_else(|| self.error("a value"))
+    }
+
+    fn parse<T: std::str::FromStr>(&self, expected: &'static str) -> Result<T, ConfigError> {
+        self.raw.and_then(|raw| raw.trim().parse().ok()).ok_or_else(|| self.error(expected))
+    }
+
+    fn number(&self, min: u64, max: u64) -> Result<u64, ConfigError> {
+        let expected = if min == 0 { "a whole number" } else { "a positive whole number" };
+        self.parse::<u64>(expected)
+            .and_then(|n| if (min..=max).contains(&n) { Ok(n) } else { Err(self.error(expected)) })
+    }
+
+    fn non_zero<T: std::str::FromStr>(&self) -> Result<T, ConfigError> {
+        self.parse("a positive whole number in range")
+    }
+
+    fn path(&self) -> Result<PathBuf, ConfigError> {
+        match self.raw {
+            Some(raw) if !raw.is_empty() => Ok(PathBuf::from(raw)),
+            _ => Err(self.error("a file path")),
+        }
+    }
+
+    /// AMQP short strings are at most 255 bytes.
+    fn queue(&self) -> Result<String, ConfigError> {
+        match self.raw {
+            Some(raw) if !raw.is_empty() && raw.len() <= 255 => Ok(raw.to_owned()),
+            _ => Err(self.error("a queue name of 1 to 255 bytes")),
+        }
+    }
+
+    fn amqp_url(&self) -> Result<AmqpUrl, ConfigError> {
+        let raw = self.raw.unwrap_or("");
+        if raw.starts_with("amqps://") {
+            return Err(self.error("an amqp:// URL (this build has no TLS support)"));
+        }
+        match raw.parse::<lapin::uri::AMQPUri>() {
+            Ok(_) if raw.starts_with("amqp://") => Ok(AmqpUrl(raw.to_owned())),
+            _ => Err(self.error("an amqp:// URL such as amqp://user:password@host:5672/%2f")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(&pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = config(&[]).expect("defaults are valid");
+        assert_eq!(c.amqp_url.expose(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(
+            (c.task_queue.as_str(), c.report_queue.as_str(), c.dead_letter_queue.as_str()),
+            ("task_report", "ready_report", "task_report.dlq")
+        );
+        assert_eq!(c.cache_ttl, Duration::from_secs(600));
+        assert_eq!(c.snapshot_interval, Duration::from_millis(1000));
+        assert_eq!(c.data_poll_interval, Duration::from_millis(2000));
+        assert_eq!((c.prefetch.get(), c.max_phones_per_task.get(), c.max_task_bytes.get()), (64, 10_000, 1_048_576));
+        assert_eq!(c.http_addr, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.worker_threads, std::thread::available_parallelism().unwrap());
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        for (variable, value) in [
+            ("PREFETCH", "0"),
+            ("PREFETCH", "70000"),
+            ("CACHE_TTL_SECS", "-1"),
+            ("SNAPSHOT_INTERVAL_MS", "0"),
+            ("HTTP_ADDR", "localhost"),
+            ("WORKER_THREADS", "many"),
+            ("TASK_QUEUE", ""),
+            ("AMQP_URL", "http://example.com"),
+            ("AMQP_URL", "amqps://u:p@host"),
+        ] {
+            let err = config(&[(variable, value)]).expect_err(value);
+            assert_eq!(err.variable, variable);
+            assert!(err.to_string().starts_with(&format!("invalid {variable}=")), "{err}");
+        }
+    }
+
+    #[test]
+    fn zero_ttl_is_allowed_and_disables_the_cache() {
+        assert_eq!(config(&[("CACHE_TTL_SECS", "0")]).unwrap().cache_ttl, Duration::ZERO);
+    }
+
+    #[test]
+    fn passwords_never_appear_in_debug_display_or_errors() {
+        let c = config(&[("AMQP_URL", "amqp://svc:s3cret@rabbit:5672/%2f")]).unwrap();
+        assert_eq!(c.amqp_url.to_string(), "amqp://svc:***@rabbit:5672/%2f");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let err = config(&[("AMQP_URL", "amqps://svc:s3cret@rabbit")]).unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        assert_eq!(redact("amqp://rabbit/%2f"), "amqp://rabbit/%2f");
+        assert_eq!(redact("amqp://user@rabbit"), "amqp://user@rabbit");
+    }
+}

@@ -1,0 +1,345 @@
+//! The statistics engine: per-phone statistics for a task from the cache, or computed on
+//! the rayon pool, with concurrent misses of one phone computed once.
+//!
+//! It owns the data version being served (swapped whole on reload), the cache, the
+//! in-flight computations and the pool. It never blocks the async runtime: cache
+//! lookups take a short lock, and every computation runs on the pool and is awaited
+//! through a channel.
+
+use crate::cache::{Answer, Cache, CachedPhone};
+use crate::clock::Clock;
+use crate::compute;
+use crate::data::{Dataset, FileIdentity, StaleData};
+use crate::metrics::{Metrics, source};
+use crate::stats::CallStats;
+use ahash::AHashMap;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+/// One version of data.json being served. The epoch tells cache entries and in-flight
+/// computations of different versions apart.
+#[derive(Debug)]
+pub struct Loaded {
+    pub dataset: Dataset,
+    pub epoch: u64,
+}
+
+/// Why statistics could not be produced; the task is worth retrying.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Stale(#[from] StaleData),
+    /// The computation died (a worker panicked); nothing was produced.
+    #[error("the computation was abandoned")]
+    Abandoned,
+}
+
+/// The result of one computation, as its waiters see it. `None` until it is done.
+type FlightResult = Option<Result<Answer, StaleData>>;
+
+/// The cache and the in-flight computations. Under one lock, so that a phone whose
+/// computation is completing is always seen as either in flight or cached, never as
+/// neither (which would start a second computation).
+#[derive(Debug)]
+struct State {
+    cache: Cache,
+    /// (epoch, phone) -> the result channel of its computation.
+    flights: AHashMap<(u64, u64), watch::Receiver<FlightResult>>,
+}
+
+struct Inner {
+    /// Swapped whole by `replace`; each task reads it once, so no report mixes versions.
+    data: ArcSwap<Loaded>,
+    state: Mutex<State>,
+    /// Shared with whoever else runs CPU work for the service (index builds).
+    pool: Arc<rayon::ThreadPool>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    /// Called after entries are cached or dropped: wakes the snapshot writer. Must not
+    /// block (it is called on pool threads).
+    cache_changed: Box<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("epoch", &self.data.load().epoch).finish_non_exhaustive()
+    }
+}
+
+/// Cheap to clone: a handle to the shared engine.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    pub fn new(
+        dataset: Dataset,
+        ttl: Duration,
+        pool: Arc<rayon::ThreadPool>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+        cache_changed: Box<dyn Fn() + Send + Sync>,
+    ) -> Engine {
+        record_data_metrics(&metrics, &dataset);
+        let inner = Inner {
+            data: ArcSwap::from_pointee(Loaded { dataset, epoch: 1 }),
+            state: Mutex::new(State { cache: Cache::new(ttl), flights: AHashMap::new() }),
+            pool,
+            clock,
+            metrics,
+            cache_changed,
+        };
+        Engine { inner: Arc::new(inner) }
+    }
+
+    /// The data version being served now.
+    pub fn current(&self) -> Arc<Loaded> {
+        self.inner.data.load_full()
+    }
+
+    pub fn pool(&self) -> &Arc<rayon::ThreadPool> {
+        &self.inner.pool
+    }
+
+    /// Serves `dataset` from now on. Tasks already running finish on the version they
+    /// started with; entries of older versions are dropped and never served again.
+    pub fn replace(&self, dataset: Dataset) -> u64 {
+        record_data_metrics(&self.inner.metrics, &dataset);
+        let epoch = self.inner.data.load().epoch + 1;
+        self.inner.data.store(Arc::new(Loaded { dataset, epoch }));
+        let now = self.inner.clock.now_ms();
+        let mut state = self.inner.state.lock();
+        state.cache.purge(epoch, now);
+        self.inner.metrics.cache_entries.set(state.cache.len() as i64);
+        drop(state);
+        (self.inner.cache_changed)();
+        epoch
+    }
+
+    /// The answer (statistics and report entry) for each of `phones` (distinct), all
+    /// from one data version.
+    pub async fn stats(&self, phones: &[u64]) -> Result<Vec<Answer>, EngineError> {
+        let loaded = self.current();
+        let epoch = loaded.epoch;
+        let now = self.inner.clock.now_ms();
+        let mut result: Vec<Option<Answer>> = vec![None; phones.len()];
+        let mut waits = Vec::new();
+        let mut owned = Vec::new();
+        let (mut hits, mut empty) = (0, 0);
+        {
+            let mut state = self.inner.state.lock();
+            for (i, &phone) in phones.iter().enumerate() {
+                if let Some(answer) = state.cache.get(phone, epoch, now) {
+                    result[i] = Some(answer);
+                    hits += 1;
+                } else if loaded.dataset.index().spans(phone).is_empty() {
+                    // Nothing to compute, and not cached: unknown phones cannot grow the cache.
+                    result[i] = Some(Answer::new(phone, CallStats::EMPTY));
+                    empty += 1;
+                } else {
+                    let flight = match state.flights.get(&(epoch, phone)) {
+                        Some(flight) => flight.clone(),
+                        None => {
+                            let (sender, receiver) = watch::channel(None);
+                            state.flights.insert((epoch, phone), receiver.clone());
+                            owned.push((phone, sender));
+                            receiver
+                        }
+                    };
+                    waits.push((i, flight));
+                }
+            }
+        }
+        let metrics = &self.inner.metrics;
+        metrics.phones_from(source::CACHE, hits);
+        metrics.phones_from(source::NO_RECORDS, empty);
+        metrics.phones_from(source::COMPUTED, owned.len() as u64);
+        metrics.phones_from(source::SHARED, (waits.len() - owned.len()) as u64);
+        if !owned.is_empty() {
+            let inner = Arc::clone(&self.inner);
+            // The computation publishes its own results, so it completes (and fills the
+            // cache for everyone) even if this task is dropped while waiting.
+            self.inner.pool.spawn(move || inner.compute_flights(&loaded, owned));
+        }
+        for (i, mut flight) in waits {
+            let done = flight.wait_for(Option::is_some).await.map_err(|_| EngineError::Abandoned)?;
+            result[i] = Some(done.clone().ok_or(EngineError::Abandoned)??);
+        }
+        result.into_iter().map(|answer| answer.ok_or(EngineError::Abandoned)).collect()
+    }
+
+    /// Runs `work` on the pool and waits for it without blocking the runtime.
+    pub async fn run_blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (sender, receiver) = oneshot::channel();
+        self.inner.pool.spawn(move || {
+            let _ = sender.send(work());
+        });
+        receiver.await.map_err(|_| EngineError::Abandoned)
+    }
+
+    /// Puts back snapshot entries computed from the data being served.
+    pub fn restore(&self, entries: &[CachedPhone]) -> usize {
+        let epoch = self.current().epoch;
+        let mut state = self.inner.state.lock();
+        let restored = state.cache.restore(entries, epoch, self.inner.clock.now_ms());
+        self.inner.metrics.cache_entries.set(state.cache.len() as i64);
+        restored
+    }
+
+    /// What the snapshot should hold now: the served file's identity and its live entries.
+    pub fn snapshot_contents(&self) -> (FileIdentity, Vec<CachedPhone>) {
+        let loaded = self.current();
+        let now = self.inner.clock.now_ms();
+        let mut state = self.inner.state.lock();
+        state.cache.purge(loaded.epoch, now);
+        self.inner.metrics.cache_entries.set(state.cache.len() as i64);
+        (loaded.dataset.identity(), state.cache.fresh_entries(loaded.epoch, now))
+    }
+}
+
+impl Inner {
+    /// Computes the phones this task owns and hands every waiter its result. Runs on
+    /// the pool.
+    fn compute_flights(&self, loaded: &Loaded, owned: Vec<(u64, watch::Sender<FlightResult>)>) {
+        /// Removes the flights however the computation ends (a panic included), so no
+        /// later task joins a computation that will never finish.
+        struct Land<'a> {
+            state: &'a Mutex<State>,
+            epoch: u64,
+            phones: Vec<u64>,
+        }
+        impl Drop for Land<'_> {
+            fn drop(&mut self) {
+                let mut state = self.state.lock();
+                for phone in &self.phones {
+                    state.flights.remove(&(self.epoch, *phone));
+                }
+            }
+        }
+        let phones: Vec<u64> = owned.iter().map(|(phone, _)| *phone).collect();
+        let land = Land { state: &self.state, epoch: loaded.epoch, phones };
+        let computed = compute::compute(&loaded.dataset, &land.phones, &self.pool);
+        let now = self.clock.now_ms();
+        let current = self.data.load().epoch == loaded.epoch;
+        // Report entries are serialised here, on the pool, once per computation.
+        let answers: Result<Vec<Answer>, StaleData> =
+            computed.map(|all| land.phones.iter().zip(all).map(|(&phone, stats)| Answer::new(phone, stats)).collect());
+        let mut state = self.state.lock();
+        for (k, (phone, sender)) in owned.iter().enumerate() {
+            let result = answers.as_ref().map(|all| all[k].clone()).map_err(Clone::clone);
+            if let (Ok(answer), true) = (&result, current) {
+                state.cache.insert(*phone, answer.clone(), loaded.epoch, now);
+            }
+            state.flights.remove(&(loaded.epoch, *phone));
+            sender.send_replace(Some(result));
+        }
+        self.metrics.cache_entries.set(state.cache.len() as i64);
+        let changed = current && answers.is_ok() && state.cache.enabled();
+        drop(state);
+        drop(land);
+        if changed {
+            (self.cache_changed)();
+        }
+    }
+}
+
+fn record_data_metrics(metrics: &Metrics, dataset: &Dataset) {
+    let summary = dataset.index().summary();
+    metrics.data_bytes.set(dataset.identity().len as i64);
+    metrics.data_records.set(summary.records as i64);
+    metrics.data_phones.set(summary.phones as i64);
+    metrics.index_build_seconds.set(dataset.build_time().as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::datagen::{self, Options};
+    use futures_util::FutureExt;
+    use futures_util::future::join_all;
+
+    fn dataset(dir: &std::path::Path, pool: &rayon::ThreadPool) -> Dataset {
+        let path = dir.join("data.json");
+        let mut bytes = Vec::new();
+        datagen::generate(&Options { phones: 5, per_phone: 1_000, ..Options::default() }, &mut bytes, &|_| {}).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        Dataset::open(&path, pool).unwrap()
+    }
+
+    /// A one-thread pool blocked until the returned sender is dropped or sent to.
+    fn held_pool() -> (Arc<rayon::ThreadPool>, std::sync::mpsc::Sender<()>) {
+        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
+        let (release, latch) = std::sync::mpsc::channel::<()>();
+        pool.spawn(move || {
+            let _ = latch.recv();
+        });
+        (pool, release)
+    }
+
+    fn engine(ttl: Duration, pool: Arc<rayon::ThreadPool>, dir: &std::path::Path) -> (Engine, Arc<Metrics>) {
+        let data = dataset(dir, &rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let clock = Arc::new(ManualClock::new(1_000));
+        (Engine::new(data, ttl, pool, clock, Arc::clone(&metrics), Box::new(|| {})), metrics)
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_of_a_phone_are_computed_once_even_without_a_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, release) = held_pool();
+        let (engine, metrics) = engine(Duration::ZERO, pool, dir.path());
+        let mut all = std::pin::pin!(join_all((0..50).map(|_| engine.stats(&[1, 2, 99]))));
+        // One poll registers every request while the pool is held: none can finish first.
+        assert!((&mut all).now_or_never().is_none());
+        release.send(()).unwrap();
+        let results = all.await;
+        let expected = compute::compute(&engine.current().dataset, &[1, 2, 99], engine.pool()).unwrap();
+        for result in results {
+            let stats: Vec<CallStats> = result.unwrap().into_iter().map(|a| a.stats).collect();
+            assert_eq!(stats, expected);
+        }
+        assert_eq!(metrics.phones_with(source::COMPUTED), 2);
+        assert_eq!(metrics.phones_with(source::SHARED), 98);
+        assert_eq!(metrics.phones_with(source::NO_RECORDS), 50, "phone 99 has no records: never computed");
+    }
+
+    #[tokio::test]
+    async fn a_computation_outlives_the_task_that_started_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, release) = held_pool();
+        let (engine, metrics) = engine(Duration::from_secs(60), pool, dir.path());
+        let mut owner = Box::pin(engine.stats(&[3]));
+        assert!((&mut owner).now_or_never().is_none());
+        drop(owner);
+        let mut joiner = std::pin::pin!(engine.stats(&[3]));
+        assert!((&mut joiner).now_or_never().is_none());
+        release.send(()).unwrap();
+        assert_eq!(joiner.await.unwrap()[0].stats.records, 1_000);
+        assert_eq!((metrics.phones_with(source::COMPUTED), metrics.phones_with(source::SHARED)), (1, 1));
+        assert_eq!(engine.stats(&[3]).await.unwrap()[0].stats.records, 1_000);
+        assert_eq!(metrics.phones_with(source::CACHE), 1, "and its result was cached");
+    }
+
+    #[tokio::test]
+    async fn a_replaced_dataset_is_served_and_old_entries_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap());
+        let (engine, metrics) = engine(Duration::from_secs(60), Arc::clone(&pool), dir.path());
+        assert_eq!(engine.stats(&[1]).await.unwrap()[0].stats.records, 1_000);
+        let other = tempfile::tempdir().unwrap();
+        let path = other.path().join("data.json");
+        std::fs::write(&path, br#"[{"phone":1,"start_date":0,"end_date":1000}]"#).unwrap();
+        assert_eq!(engine.replace(Dataset::open(&path, &pool).unwrap()), 2);
+        assert_eq!(engine.stats(&[1]).await.unwrap()[0].stats.records, 1);
+        assert_eq!(metrics.phones_with(source::CACHE), 0, "the old entry was never served");
+        assert_eq!(engine.snapshot_contents().1.len(), 1);
+    }
+}

@@ -1,0 +1,9 @@
+//! The wire contract: task messages in, report messages out (SPEC section 4).
+//!
+//! No I/O here: the broker module moves bytes, the service module decides.
+
+mod report;
+mod task;
+
+pub use report::*;
+pub use task::*;

@@ -1,0 +1,294 @@
+//! Report messages: the exact JSON clients expect (SPEC section 4).
+
+use super::{CorrelationId, InvalidPhones};
+use crate::stats::CallStats;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// `status` of a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Status {
+    Complete,
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DurationCounts {
+    #[serde(rename = "10_sec")]
+    pub up_to_10s: u64,
+    #[serde(rename = "10_30_sec")]
+    pub from_10_to_30s: u64,
+    #[serde(rename = "30_sec")]
+    pub over_30s: u64,
+}
+
+/// One phone's entry in a report's `data`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PhoneReport {
+    pub phone: u64,
+    pub cnt_all_attempts: u64,
+    pub cnt_att_dur: DurationCounts,
+    pub min_price_att: Option<f64>,
+    pub max_price_att: Option<f64>,
+    pub avg_dur_att: Option<f64>,
+    pub sum_price_att_over_15: f64,
+}
+
+impl PhoneReport {
+    pub fn new(phone: u64, stats: &CallStats) -> PhoneReport {
+        PhoneReport {
+            phone,
+            cnt_all_attempts: stats.records,
+            cnt_att_dur: DurationCounts {
+                up_to_10s: stats.up_to_10s,
+                from_10_to_30s: stats.from_10_to_30s,
+                over_30s: stats.over_30s,
+            },
+            min_price_att: stats.min_price(),
+            max_price_att: stats.max_price(),
+            avg_dur_att: stats.avg_duration(),
+            sum_price_att_over_15: stats.sum_price_over_15s(),
+        }
+    }
+}
+
+/// `error` of an error report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReportError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// A report message, field order as the starting service wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub correlation_id: CorrelationId,
+    pub status: Status,
+    /// UTC, `%Y-%m-%d %H:%M:%S.%f`.
+    pub task_received: String,
+    pub from: &'static str,
+    pub to: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ReportError>,
+    pub data: Vec<PhoneReport>,
+    /// Seconds from receipt of the task to the report being ready.
+    pub total_duration: f64,
+}
+
+impl Report {
+    pub fn complete(
+        correlation_id: CorrelationId,
+        received: SystemTime,
+        data: Vec<PhoneReport>,
+        took: Duration,
+    ) -> Report {
+        Report {
+            correlation_id,
+            status: Status::Complete,
+            task_received: format_timestamp(received),
+            from: "report_service",
+            to: "client",
+            error: None,
+            data,
+            total_duration: took.as_secs_f64(),
+        }
+    }
+
+    pub fn error(correlation_id: CorrelationId, received: SystemTime, error: &InvalidPhones, took: Duration) -> Report {
+        Report {
+            status: Status::Error,
+            error: Some(ReportError { code: error.code(), message: error.to_string() }),
+            ..Report::complete(correlation_id, received, Vec::new(), took)
+        }
+    }
+
+    /// The message body.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Sized up front: growing by doubling cost more than the serialisation itself.
+        let mut out = Vec::with_capacity(256 + 256 * self.data.len());
+        // Infallible: writing to a Vec cannot fail, every map key is a string, and no
+        // field has a fallible Serialize (non-finite floats are written as null).
+        let _ = sonic_rs::to_writer(&mut out, self);
+        out
+    }
+}
+
+/// `2026-11-27 21:22:03.049772` (UTC, microseconds; `%Y-%m-%d %H:%M:%S.%f`). Times
+/// before 1970 are written as the epoch.
+pub fn format_timestamp(at: SystemTime) -> String {
+    let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let of_day = secs % 86_400;
+    let mut out = String::with_capacity(26);
+    let mut put = |value: u64, width: usize, then: &str| {
+        let digits = itoa::Buffer::new().format(value).to_owned();
+        out.extend(std::iter::repeat_n('0', width.saturating_sub(digits.len())));
+        out.push_str(&digits);
+        out.push_str(then);
+    };
+    put(year, 4, "-");
+    put(month, 2, "-");
+    put(day, 2, " ");
+    put(of_day / 3600, 2, ":");
+    put(of_day % 3600 / 60, 2, ":");
+    put(of_day % 60, 2, ".");
+    put(u64::from(since.subsec_micros()), 6, "");
+    out
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, for non-negative counts).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + u64::from(month <= 2), month, day)
+}
+
+/// One phone's entry of a report's `data`, serialised once: a cache hit appends these
+/// bytes instead of formatting nine numbers again.
+pub fn phone_json(phone: u64, stats: &CallStats) -> Arc<[u8]> {
+    let mut out = Vec::with_capacity(256);
+    // Infallible: see `Report::to_json`.
+    let _ = sonic_rs::to_writer(&mut out, &PhoneReport::new(phone, stats));
+    out.into()
+}
+
+/// A complete report from pre-serialised phone entries: the same bytes as
+/// `Report::complete(..).to_json()` (a test holds them equal), without re-serialising
+/// the data. `took` is read last, just before the report is finished.
+pub fn complete_report_json<'a>(
+    correlation_id: &CorrelationId,
+    received: SystemTime,
+    phones: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
+    took: impl FnOnce() -> Duration,
+) -> Vec<u8> {
+    let data_len: usize = phones.clone().map(|p| p.len() + 1).sum();
+    let mut out = Vec::with_capacity(192 + data_len);
+    out.extend_from_slice(b"{\"correlation_id\":");
+    // Infallible: writing to a Vec.
+    let _ = sonic_rs::to_writer(&mut out, correlation_id);
+    out.extend_from_slice(b",\"status\":\"Complete\",\"task_received\":\"");
+    out.extend_from_slice(format_timestamp(received).as_bytes());
+    out.extend_from_slice(b"\",\"from\":\"report_service\",\"to\":\"client\",\"data\":[");
+    for (i, phone) in phones.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(phone);
+    }
+    out.extend_from_slice(b"],\"total_duration\":");
+    let _ = sonic_rs::to_writer(&mut out, &took().as_secs_f64());
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(report: &Report) -> String {
+        String::from_utf8(report.to_json()).expect("utf-8")
+    }
+
+    #[test]
+    fn a_report_serialises_in_the_contract_format() {
+        let mut stats = CallStats::EMPTY;
+        for s in [0i64, 10, 11, 30, 31, 120] {
+            stats.record(0, s * 1000);
+        }
+        let received = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_814_523_049_772);
+        let id = CorrelationId::integer("13242421424214").unwrap();
+        let report = Report::complete(
+            id,
+            received,
+            vec![PhoneReport::new(1, &stats), PhoneReport::new(2, &CallStats::EMPTY)],
+            Duration::from_micros(12_300),
+        );
+        assert_eq!(
+            json(&report),
+            concat!(
+                r#"{"correlation_id":13242421424214,"status":"Complete","task_received":"2026-11-27 21:22:03.049772","#,
+                r#""from":"report_service","to":"client","data":["#,
+                r#"{"phone":1,"cnt_all_attempts":6,"cnt_att_dur":{"10_sec":2,"10_30_sec":2,"30_sec":2},"#,
+                r#""min_price_att":0.0,"max_price_att":1200.0,"avg_dur_att":33.666666666666664,"sum_price_att_over_15":1810.0},"#,
+                r#"{"phone":2,"cnt_all_attempts":0,"cnt_att_dur":{"10_sec":0,"10_30_sec":0,"30_sec":0},"#,
+                r#""min_price_att":null,"max_price_att":null,"avg_dur_att":null,"sum_price_att_over_15":0.0}],"#,
+                r#""total_duration":0.0123}"#
+            )
+        );
+    }
+
+    #[test]
+    fn an_error_report_has_status_error_code_message_and_empty_data() {
+        let report = Report::error(
+            CorrelationId::Text("x".into()),
+            SystemTime::UNIX_EPOCH,
+            &InvalidPhones::NotArray,
+            Duration::ZERO,
+        );
+        let text = json(&report);
+        assert!(
+            text.contains(r#""status":"Error","task_received":"1970-01-01 00:00:00.000000","from":"report_service","to":"client","error":{"code":"phones_not_array","message":"`phones` must be an array of phone numbers"},"data":[],"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn timestamps_match_the_time_crate() {
+        let format =
+            time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]");
+        for micros in
+            [0u64, 1, 951_782_400_000_000, 1_795_814_523_049_772, 4_102_444_799_999_999, 253_402_300_799_999_999]
+        {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_micros(micros);
+            assert_eq!(format_timestamp(at), time::OffsetDateTime::from(at).format(&format).unwrap(), "{micros}");
+        }
+        assert_eq!(format_timestamp(SystemTime::UNIX_EPOCH - Duration::from_secs(1)), "1970-01-01 00:00:00.000000");
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_timestamp_matches_the_time_crate(micros in 0u64..253_402_300_799_999_999) {
+            let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]");
+            let at = SystemTime::UNIX_EPOCH + Duration::from_micros(micros);
+            prop_assert_eq!(format_timestamp(at), time::OffsetDateTime::from(at).format(&format).unwrap());
+        }
+
+        /// The fast path (cached entries, hand-written envelope) writes exactly the bytes
+        /// of the serde path.
+        #[test]
+        fn pre_serialised_reports_equal_serde_reports(
+            durations in prop::collection::vec(prop::collection::vec(-5_000i64..200_000, 0..5), 0..12),
+            id in prop_oneof![
+                (-1_000_000_000_000i64..1_000_000_000_000).prop_map(|n| n.to_string()),
+                "[ -~]{1,20}|[\\u{80}-\\u{10FFFF}\"\\\\]{1,8}".prop_map(String::from),
+            ],
+            micros in 0u64..4_102_444_799_999_999,
+            took_ns in 0u64..100_000_000_000,
+        ) {
+            let id = CorrelationId::integer(&id).unwrap_or(CorrelationId::Text(id));
+            let stats: Vec<CallStats> = durations.iter().map(|ds| {
+                let mut s = CallStats::EMPTY;
+                for &d in ds { s.record(0, d); }
+                s
+            }).collect();
+            let at = SystemTime::UNIX_EPOCH + Duration::from_micros(micros);
+            let took = Duration::from_nanos(took_ns);
+            let data = stats.iter().enumerate().map(|(p, s)| PhoneReport::new(p as u64 * 7, s)).collect();
+            let reference = Report::complete(id.clone(), at, data, took).to_json();
+            let entries: Vec<Arc<[u8]>> = stats.iter().enumerate().map(|(p, s)| phone_json(p as u64 * 7, s)).collect();
+            let fast = complete_report_json(&id, at, entries.iter().map(|e| &e[..]), || took);
+            prop_assert_eq!(String::from_utf8_lossy(&fast), String::from_utf8_lossy(&reference));
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The service against the real broker: every report equal to the reference, every bad
+//! input's outcome, concurrency, the cache and its snapshot, and a forced disconnect.
+//! Each test has its own randomly named queues and deletes them afterwards.
+
+mod support;
+
+use lapin::BasicProperties;
+use lapin::types::AMQPValue;
+use report_service::clock::{ManualClock, SystemClock};
+use report_service::metrics::source;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use support::amqp::{self, Client, Names, collect, data_file, expected_data, next, next_json};
+use support::start_service;
+
+/// The starting service's ten sample tasks.
+const SAMPLES: [[u64; 10]; 10] = [
+    [1, 2, 3, 3, 5, 11, 67, 45, 23, 33],
+    [4, 5, 6, 4, 99, 98, 97, 56, 45, 45],
+    [7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+    [17, 18, 19, 20, 21, 22, 23, 24, 25, 36],
+    [37, 38, 39, 10, 11, 32, 13, 45, 15, 16],
+    [7, 1, 0, 10, 76, 8, 78, 15, 1, 11],
+    [83, 81, 91, 11, 51, 44, 7, 15, 25, 76],
+    [0, 58, 59, 50, 51, 52, 53, 54, 55, 36],
+    [70, 82, 9, 3, 11, 12, 2, 75, 87, 90],
+    [66, 8, 99, 55, 33, 44, 66, 77, 43, 39],
+];
+
+fn task(id: Value, phones: &[u64]) -> String {
+    json!({ "correlation_id": id, "phones": phones }).to_string()
+}
+
+#[tokio::test]
+async fn the_sample_tasks_get_exact_reports_in_the_report_queue() {
+    let names = Names::unique("samples");
+    let dir = tempfile::tempdir().unwrap();
+    // Phones 0..90: 90..99 of the samples are unknown and must report zeros.
+    let (data, records) = data_file(dir.path(), 90, 300);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    for (i, phones) in SAMPLES.iter().enumerate() {
+        client.send(&task(json!(13_242_421_424_214u64 + i as u64), phones)).await;
+    }
+    for _ in 0..SAMPLES.len() {
+        let (report, delivery) = next_json(&mut reports).await;
+        let id = report["correlation_id"].as_u64().expect("an integer id stays an integer");
+        let phones = SAMPLES[(id - 13_242_421_424_214) as usize];
+        assert_eq!(report["status"], "Complete");
+        assert_eq!((report["from"].as_str(), report["to"].as_str()), (Some("report_service"), Some("client")));
+        assert_eq!(report["data"], expected_data(&records, &phones), "task {id}");
+        assert!(report["total_duration"].as_f64().is_some_and(|d| d >= 0.0));
+        let received = report["task_received"].as_str().expect("task_received");
+        assert_eq!(received.len(), "2026-11-27 21:22:03.049772".len(), "{received}");
+        let props = &delivery.properties;
+        assert_eq!(props.correlation_id().as_ref().map(|s| s.as_str().to_owned()), Some(id.to_string()));
+        assert_eq!(props.content_type().as_ref().map(|s| s.as_str()), Some("application/json"));
+        assert_eq!(*props.delivery_mode(), Some(2), "reports are persistent");
+    }
+    service.stop().await.unwrap();
+}
+
+/// Random phone lists (known, unknown and repeated phones, u64 extremes) against the
+/// reference, with the cache both cold and warm.
+#[tokio::test]
+async fn random_tasks_get_reports_equal_to_the_reference() {
+    let names = Names::unique("random");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 40, 150);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    let mut dice = support::Dice::new(0x5eed);
+    let mut tasks = std::collections::HashMap::new();
+    for id in 0..120u64 {
+        let phones: Vec<u64> = (0..dice.below(15))
+            .map(|_| match dice.below(10) {
+                0 => u64::MAX,
+                1 => 1_000 + dice.below(5) as u64,
+                _ => dice.below(45) as u64,
+            })
+            .collect();
+        client.send(&task(json!(id), &phones)).await;
+        tasks.insert(id, phones);
+    }
+    for (report, _) in collect(&mut reports, tasks.len()).await.values() {
+        let id = report["correlation_id"].as_u64().unwrap();
+        assert_eq!(report["data"], expected_data(&records, &tasks[&id]), "task {id}: {:?}", tasks[&id]);
+    }
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn reply_to_string_ids_property_ids_duplicates_and_unknown_phones() {
+    let names = Names::unique("variants");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 20, 200);
+    let client = Client::new(&names).await;
+    let reply_queue = client.reply_queue().await;
+    let mut replies = client.consume(&reply_queue).await;
+    let mut reports = client.consume(&names.reports).await;
+    let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+
+    let to_reply_queue = BasicProperties::default().with_reply_to(reply_queue.as_str().into());
+    client.send_raw(task(json!("abc-1"), &[7, 7, 3, 79_161_234_567]).as_bytes(), to_reply_queue).await;
+    let (report, delivery) = next_json(&mut replies).await;
+    assert_eq!(report["correlation_id"], "abc-1", "a string id stays a string");
+    assert_eq!(report["data"], expected_data(&records, &[7, 3, 79_161_234_567]));
+    assert_eq!(report["data"][2]["cnt_all_attempts"], 0);
+    assert_eq!(report["data"][2]["min_price_att"], Value::Null);
+    assert_eq!(delivery.properties.correlation_id().as_ref().map(|s| s.as_str()), Some("abc-1"));
+
+    let with_property = BasicProperties::default().with_correlation_id("from-property".into());
+    client.send_raw(br#"{"phones": [1, 2]}"#, with_property).await;
+    let (report, delivery) = next_json(&mut reports).await;
+    assert_eq!(report["correlation_id"], "from-property");
+    assert_eq!(report["data"], expected_data(&records, &[1, 2]));
+    assert_eq!(delivery.properties.correlation_id().as_ref().map(|s| s.as_str()), Some("from-property"));
+
+    client.send(&task(json!(-5), &[])).await;
+    let (report, _) = next_json(&mut reports).await;
+    assert_eq!((report["correlation_id"].as_i64(), report["data"].clone()), (Some(-5), json!([])));
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_is_dead_lettered_or_answered_with_an_error_report_and_the_service_keeps_going() {
+    let names = Names::unique("badinput");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 10, 100);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let mut dead = client.consume(&names.dlq).await;
+    let service = start_service(
+        &names,
+        &data,
+        dir.path(),
+        &[("MAX_TASK_BYTES", "4096"), ("MAX_PHONES_PER_TASK", "5")],
+        Arc::new(SystemClock),
+    )
+    .await;
+
+    let oversize = format!(r#"{{"correlation_id": 1, "phones": [{}1]}}"#, "1, ".repeat(2000));
+    let dead_letters: [(&[u8], &str); 8] = [
+        (b"this is not json", "not_json"),
+        (b"", "not_json"),
+        (br#"{"correlation_id": 1, "phones": [1, 2"#, "not_json"),
+        (b"{\"correlation_id\": \"\xff\xfe\", \"phones\": [1]}", "not_json"),
+        (oversize.as_bytes(), "too_large"),
+        (b"[1, 2, 3]", "no_correlation_id"),
+        (br#"{"phones": [1, 2]}"#, "no_correlation_id"),
+        (br#"{"correlation_id": {"a": 1}, "phones": [1]}"#, "no_correlation_id"),
+    ];
+    for (body, _) in &dead_letters {
+        client.send_raw(body, BasicProperties::default().with_message_id("m".into())).await;
+    }
+    for (body, reason) in &dead_letters {
+        let delivery = next(&mut dead).await;
+        assert_eq!(delivery.data, *body, "the body is copied unchanged, in order");
+        let headers = delivery.properties.headers().clone().expect("headers");
+        let header = |key: &str| match headers.inner().get(key) {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("{key}: {other:?}"),
+        };
+        assert_eq!(header("x-rejection-reason"), *reason);
+        assert!(!header("x-rejection-detail").is_empty());
+        assert!(!header("x-rejected-at").is_empty());
+        assert_eq!(header("x-original-queue"), names.tasks);
+        assert_eq!(delivery.properties.message_id().as_ref().map(|m| m.as_str()), Some("m"), "properties kept");
+    }
+
+    let error_reports = [
+        (r#"{"correlation_id": 11}"#, "missing_phones"),
+        (r#"{"correlation_id": 12, "phones": "1,2"}"#, "phones_not_array"),
+        (r#"{"correlation_id": 13, "phones": [1, -2]}"#, "invalid_phone"),
+        (r#"{"correlation_id": 14, "phones": [1.5]}"#, "invalid_phone"),
+        (r#"{"correlation_id": 15, "phones": ["3"]}"#, "invalid_phone"),
+        (r#"{"correlation_id": 16, "phones": [1, 2, 3, 4, 5, 6]}"#, "too_many_phones"),
+    ];
+    for (body, _) in &error_reports {
+        client.send(body).await;
+    }
+    for (i, (_, code)) in error_reports.iter().enumerate() {
+        let (report, _) = next_json(&mut reports).await;
+        assert_eq!(report["correlation_id"], 11 + i as u64);
+        assert_eq!(report["status"], "Error");
+        assert_eq!(report["error"]["code"], *code);
+        assert!(report["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(report["data"], json!([]));
+    }
+
+    client.send(&task(json!(99), &[1, 2])).await;
+    let (report, _) = next_json(&mut reports).await;
+    assert_eq!(
+        (report["correlation_id"].clone(), report["data"].clone()),
+        (json!(99), expected_data(&records, &[1, 2]))
+    );
+    let metrics = service.metrics().encode();
+    assert!(metrics.contains(r#"report_service_tasks_total{outcome="dead_lettered"} 8"#), "{metrics}");
+    assert!(metrics.contains(r#"report_service_dead_lettered_total{reason="not_json"} 4"#), "{metrics}");
+    assert!(metrics.contains(r#"report_service_tasks_total{outcome="error_report"} 6"#), "{metrics}");
+    service.stop().await.unwrap();
+}
+
+/// 200 tasks at once, all sharing phones 7 and 8: every task answered, and each shared
+/// phone computed exactly once (the rest joined its computation or hit the cache).
+#[tokio::test]
+async fn two_hundred_tasks_at_once_are_answered_and_a_shared_phone_is_computed_once() {
+    let names = Names::unique("burst");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 300, 200);
+    let client = Client::new(&names).await;
+    for i in 0..200u64 {
+        client.send(&task(json!(i), &[7, 8, 10 + i])).await;
+    }
+    let mut reports = client.consume(&names.reports).await;
+    let service = start_service(&names, &data, dir.path(), &[("PREFETCH", "200")], Arc::new(SystemClock)).await;
+    let seen = collect(&mut reports, 200).await;
+    for (id, (report, count)) in &seen {
+        assert_eq!(*count, 1, "task {id} answered once");
+        let i = report["correlation_id"].as_u64().unwrap();
+        assert_eq!(report["data"], expected_data(&records, &[7, 8, 10 + i]));
+    }
+    let metrics = service.metrics();
+    assert_eq!(metrics.phones_with(source::COMPUTED), 2 + 200, "7 and 8 once each, plus one distinct phone per task");
+    assert_eq!(metrics.phones_with(source::SHARED) + metrics.phones_with(source::CACHE), 2 * 199);
+    service.stop().await.unwrap();
+}
+
+/// The cache serves a repeated phone until its TTL passes on the (driven) clock.
+#[tokio::test]
+async fn a_cached_phone_is_served_until_its_ttl_then_computed_again() {
+    let names = Names::unique("ttl");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 10, 100);
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let service = start_service(&names, &data, dir.path(), &[("CACHE_TTL_SECS", "60")], clock.clone()).await;
+    let metrics = Arc::clone(service.metrics());
+    let mut ask = async |id: u64| {
+        client.send(&task(json!(id), &[1, 2])).await;
+        let (report, _) = next_json(&mut reports).await;
+        assert_eq!(report["data"], expected_data(&records, &[1, 2]));
+        (metrics.phones_with(source::COMPUTED), metrics.phones_with(source::CACHE))
+    };
+    assert_eq!(ask(1).await, (2, 0), "first: both computed");
+    assert_eq!(ask(2).await, (2, 2), "second: both cached");
+    clock.advance(Duration::from_secs(59));
+    assert_eq!(ask(3).await, (2, 4), "59 s later: still cached");
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(ask(4).await, (4, 4), "60 s later: expired, computed again");
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_zero_ttl_disables_the_cache() {
+    let names = Names::unique("nocache");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = data_file(dir.path(), 10, 100);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let service = start_service(&names, &data, dir.path(), &[("CACHE_TTL_SECS", "0")], Arc::new(SystemClock)).await;
+    for id in 0..3 {
+        client.send(&task(json!(id), &[1])).await;
+        next_json(&mut reports).await;
+    }
+    assert_eq!((service.metrics().phones_with(source::COMPUTED), service.metrics().phones_with(source::CACHE)), (3, 0));
+    assert!(service.snapshot_writes().is_none());
+    service.stop().await.unwrap();
+    assert!(!dir.path().join("cache.snapshot").exists());
+}
+
+/// The snapshot written by one instance is restored by the next, in the same test.
+#[tokio::test]
+async fn a_restarted_service_restores_the_cache_from_its_snapshot() {
+    let names = Names::unique("restore");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 10, 100);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+
+    let first = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    let mut writes = first.snapshot_writes().expect("cache enabled");
+    client.send(&task(json!(1), &[1, 2, 3])).await;
+    next_json(&mut reports).await;
+    tokio::time::timeout(amqp::WAIT, writes.wait_for(|n| *n >= 1)).await.unwrap().unwrap();
+    first.stop().await.unwrap();
+
+    let second = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    client.send(&task(json!(2), &[3, 2, 1])).await;
+    let (report, _) = next_json(&mut reports).await;
+    assert_eq!(report["data"], expected_data(&records, &[3, 2, 1]));
+    assert_eq!((second.metrics().phones_with(source::CACHE), second.metrics().phones_with(source::COMPUTED)), (3, 0));
+    second.stop().await.unwrap();
+}
+
+/// Truncated and garbage snapshots: logged, moved aside, and the service answers.
+#[tokio::test]
+async fn a_corrupt_snapshot_is_moved_aside_and_the_service_starts_empty() {
+    let names = Names::unique("corrupt");
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    for (case, bytes) in [("garbage", b"definitely not a snapshot".to_vec()), ("truncated", vec![])] {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, records) = data_file(dir.path(), 10, 100);
+        let snapshot = dir.path().join("cache.snapshot");
+        let bytes = if case == "truncated" {
+            // A real snapshot cut short.
+            let first = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+            let mut writes = first.snapshot_writes().unwrap();
+            client.send(&task(json!(0), &[4])).await;
+            next_json(&mut reports).await;
+            tokio::time::timeout(amqp::WAIT, writes.wait_for(|n| *n >= 1)).await.unwrap().unwrap();
+            first.stop().await.unwrap();
+            let full = std::fs::read(&snapshot).unwrap();
+            full[..full.len() - 7].to_vec()
+        } else {
+            bytes
+        };
+        std::fs::write(&snapshot, &bytes).unwrap();
+        let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+        let moved: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("cache.snapshot.corrupt-"))
+            .collect();
+        assert_eq!(moved.len(), 1, "{case}: moved aside");
+        assert_eq!(std::fs::read(moved[0].path()).unwrap(), bytes, "{case}: kept for inspection");
+        client.send(&task(json!(1), &[4])).await;
+        let (report, _) = next_json(&mut reports).await;
+        assert_eq!(report["data"], expected_data(&records, &[4]), "{case}");
+        assert_eq!(service.metrics().phones_with(source::COMPUTED), 1, "{case}: empty cache");
+        service.stop().await.unwrap();
+    }
+}
+
+/// The broker closes the service's connection while 300 tasks are in flight: the
+/// service reconnects by itself and every task is answered, correctly.
+#[tokio::test]
+async fn a_connection_closed_by_the_broker_mid_load_loses_no_task() {
+    let names = Names::unique("forceclose");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 50, 300);
+    let client = Client::new(&names).await;
+    for i in 0..300u64 {
+        client.send(&task(json!(i), &[i % 50, (i + 1) % 50])).await;
+    }
+    let mut reports = client.consume(&names.reports).await;
+    let service = start_service(&names, &data, dir.path(), &[("PREFETCH", "16")], Arc::new(SystemClock)).await;
+    let (first, _) = next_json(&mut reports).await;
+    let closed = tokio::task::spawn_blocking({
+        let queue = names.tasks.clone();
+        move || amqp::close_connection_named(&format!("queue {queue}"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, 1, "exactly the service's connection");
+    let mut seen = collect(&mut reports, 299).await;
+    seen.entry(first["correlation_id"].to_string()).or_insert((first, 0)).1 += 1;
+    assert_eq!(seen.len(), 300, "every task answered");
+    for (report, _) in seen.values() {
+        let i = report["correlation_id"].as_u64().unwrap();
+        assert_eq!(report["data"], expected_data(&records, &[i % 50, (i + 1) % 50]));
+    }
+    assert!(service.metrics().reconnects.get() >= 1);
+    assert!(service.health().ready(), "attached again");
+    service.stop().await.unwrap();
+}

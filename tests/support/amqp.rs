@@ -1,0 +1,218 @@
+//! A test client for the real broker: unique queue names per test, publishing tasks,
+//! waiting for reports with a bounded timeout, and deleting the queues afterwards (even
+//! when the test panics).
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// How long a test waits for any single expected message.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Queue names unique to one test run.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub tasks: String,
+    pub reports: String,
+    pub dlq: String,
+}
+
+impl Names {
+    pub fn unique(test: &str) -> Names {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let id = format!("{}.{}.{}", std::process::id(), nanos % 1_000_000_000, NEXT.fetch_add(1, Ordering::SeqCst));
+        Names {
+            tasks: format!("test.{test}.{id}.tasks"),
+            reports: format!("test.{test}.{id}.reports"),
+            dlq: format!("test.{test}.{id}.dlq"),
+        }
+    }
+
+    /// The service settings for these queues.
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AMQP_URL", AMQP_URL.to_owned()),
+            ("TASK_QUEUE", self.tasks.clone()),
+            ("REPORT_QUEUE", self.reports.clone()),
+            ("DEAD_LETTER_QUEUE", self.dlq.clone()),
+        ]
+    }
+}
+
+/// Deletes the named queues when dropped, on a thread of its own (works while
+/// unwinding from a failed assertion, outside any runtime).
+pub struct Cleanup(pub Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let queues = std::mem::take(&mut self.0);
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            runtime.block_on(async {
+                let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await else {
+                    return;
+                };
+                if let Ok(channel) = connection.create_channel().await {
+                    for queue in queues {
+                        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+                    }
+                }
+                let _ = connection.close(200, "cleanup".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A client connection with a confirm-mode channel.
+pub struct Client {
+    pub connection: Connection,
+    pub channel: Channel,
+    pub names: Names,
+    _cleanup: Cleanup,
+}
+
+impl Client {
+    /// Connects and declares the task, report and dead-letter queues as plain durable
+    /// queues (as clients of the starting service do).
+    pub async fn new(names: &Names) -> Client {
+        let connection =
+            Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("broker reachable");
+        let channel = connection.create_channel().await.expect("channel");
+        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        for queue in [&names.tasks, &names.reports, &names.dlq] {
+            channel.queue_declare(queue.as_str().into(), durable, FieldTable::default()).await.expect("declare");
+        }
+        let cleanup = Cleanup(vec![names.tasks.clone(), names.reports.clone(), names.dlq.clone()]);
+        Client { connection, channel, names: names.clone(), _cleanup: cleanup }
+    }
+
+    /// Publishes a raw body to the task queue and waits for the broker's confirm.
+    pub async fn send_raw(&self, body: &[u8], properties: BasicProperties) {
+        self.channel
+            .basic_publish(
+                "".into(),
+                self.names.tasks.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+
+    pub async fn send(&self, body: &str) {
+        self.send_raw(body.as_bytes(), BasicProperties::default()).await;
+    }
+
+    /// A consumer on `queue` (auto-ack off; the helpers below ack).
+    pub async fn consume(&self, queue: &str) -> Consumer {
+        let tag = format!("test-consumer-{}", Names::unique("c").tasks);
+        self.channel
+            .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .expect("consume")
+    }
+
+    /// An exclusive, server-named queue for `reply_to`.
+    pub async fn reply_queue(&self) -> String {
+        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
+        let queue =
+            self.channel.queue_declare("".into(), options, FieldTable::default()).await.expect("declare reply queue");
+        queue.name().as_str().to_owned()
+    }
+}
+
+/// The next message on `consumer` (acked), or a panic after [`WAIT`].
+pub async fn next(consumer: &mut Consumer) -> Delivery {
+    let delivery = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("a message within the wait limit")
+        .expect("consumer open")
+        .expect("delivery");
+    delivery.ack(BasicAckOptions::default()).await.expect("ack");
+    delivery
+}
+
+/// The next message's body as JSON.
+pub async fn next_json(consumer: &mut Consumer) -> (serde_json::Value, Delivery) {
+    let delivery = next(consumer).await;
+    let json = serde_json::from_slice(&delivery.data).expect("reports are JSON");
+    (json, delivery)
+}
+
+/// Collects reports until `want` distinct correlation ids were seen; returns them by id
+/// with how many times each arrived.
+pub async fn collect(consumer: &mut Consumer, want: usize) -> HashMap<String, (serde_json::Value, usize)> {
+    let mut seen: HashMap<String, (serde_json::Value, usize)> = HashMap::new();
+    while seen.len() < want {
+        let (report, _) = next_json(consumer).await;
+        let id = report["correlation_id"].to_string();
+        seen.entry(id).or_insert((report, 0)).1 += 1;
+    }
+    seen
+}
+
+/// Closes the broker connection whose client-provided name contains `name`, through
+/// `rabbitmqctl`, the way an operator or a network fault would.
+pub fn close_connection_named(name: &str) -> usize {
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    let pids: Vec<&str> =
+        text.lines().filter(|line| line.contains(name)).filter_map(|line| line.split_whitespace().next()).collect();
+    for pid in &pids {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "closed by a fault-injection test"])
+            .status()
+            .expect("rabbitmqctl runs");
+        assert!(status.success());
+    }
+    pids.len()
+}
+
+/// A small data file (phones 0..phones, `per_phone` records each, some records of
+/// phone 7 at exact boundaries) and its parsed records for the reference.
+pub fn data_file(dir: &Path, phones: u64, per_phone: u64) -> (std::path::PathBuf, Arc<Vec<super::RefRecord>>) {
+    let path = dir.join("data.json");
+    let mut bytes = Vec::new();
+    let options = report_service::datagen::Options { phones, per_phone, ..report_service::datagen::Options::default() };
+    report_service::datagen::generate(&options, &mut bytes, &|_| {}).expect("generate");
+    // Boundary records for phone 7 at the end: 10.000, 15.000, 15.001, 30.000 s.
+    bytes.truncate(bytes.iter().rposition(|&b| b == b']').expect("array end"));
+    for ms in [10_000, 15_000, 15_001, 30_000, 30_001] {
+        bytes.extend_from_slice(
+            format!(r#",{{"phone":7,"start_date":1684957028364,"end_date":{}}}"#, 1_684_957_028_364i64 + ms).as_bytes(),
+        );
+    }
+    bytes.extend_from_slice(b"]\n");
+    std::fs::write(&path, &bytes).expect("write data");
+    let records = super::reference_parse(&bytes).expect("valid");
+    (path, Arc::new(records))
+}
+
+/// The expected `data` array of a report for `phones` (deduplicated, in order).
+pub fn expected_data(records: &[super::RefRecord], phones: &[u64]) -> serde_json::Value {
+    let phones = report_service::message::dedup_phones(phones.iter().copied());
+    let stats = super::reference_stats(records, &phones);
+    let data: Vec<report_service::message::PhoneReport> =
+        phones.iter().zip(&stats).map(|(&phone, s)| report_service::message::PhoneReport::new(phone, s)).collect();
+    serde_json::from_slice(&sonic_rs::to_vec(&data).expect("serialise")).expect("json")
+}
