@@ -1,8 +1,9 @@
 //! Wiring: builds the service from a [`Config`] and runs it until shutdown.
 //!
 //! Startup order: bind `/health` (so it reports "not ready" while loading), index the
-//! data on the pool, restore the snapshot, start the snapshot writer, then consume.
-//! Shutdown order: stop consuming and drain tasks, flush the snapshot, stop HTTP.
+//! data on the pool, restore the snapshot, start the snapshot writer and the data
+//! watcher, then consume. Shutdown order: stop consuming and drain tasks, stop the
+//! watcher, flush the snapshot, stop HTTP.
 
 use crate::broker::Topology;
 use crate::clock::Clock;
@@ -12,6 +13,7 @@ use crate::engine::Engine;
 use crate::health::Health;
 use crate::message::Limits;
 use crate::metrics::Metrics;
+use crate::reload::{self, Reloads};
 use crate::service::{self, Pipeline};
 use crate::snapshot::{self, DirtyMarker, Snapshot, SnapshotWriter};
 use anyhow::Context;
@@ -35,6 +37,7 @@ pub struct Running {
     health: Arc<Health>,
     engine: Engine,
     snapshot_writes: Option<watch::Receiver<u64>>,
+    reloads: watch::Receiver<Reloads>,
 }
 
 impl Running {
@@ -58,6 +61,11 @@ impl Running {
     /// Counts snapshot writes (None when the cache is disabled).
     pub fn snapshot_writes(&self) -> Option<watch::Receiver<u64>> {
         self.snapshot_writes.clone()
+    }
+
+    /// Counts data.json replacements swapped in and failed.
+    pub fn reloads(&self) -> watch::Receiver<Reloads> {
+        self.reloads.clone()
     }
 
     /// The token that stops the service when cancelled.
@@ -142,8 +150,18 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     // snapshot and closes the connection.
     let drain = config.shutdown_timeout.mul_f64(0.75);
     let serve = service::serve(Topology::from_config(&config), pipeline, Arc::clone(&health), shutdown.clone(), drain);
+    let (reload_events, reloads) = watch::channel(Reloads::default());
+    let watcher = tokio::spawn(reload::watch_data(
+        engine.clone(),
+        config.data_path.clone(),
+        config.data_poll_interval,
+        Arc::clone(&metrics),
+        reload_events,
+        shutdown.clone(),
+    ));
     let main = tokio::spawn(async move {
         serve.await;
+        let _ = watcher.await;
         if let Some(writer) = writer {
             // Joining the writer thread blocks: not on the runtime's threads.
             if tokio::task::spawn_blocking(move || writer.shutdown()).await.is_err() {
@@ -154,7 +172,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         let _ = http.await;
         info!("stopped");
     });
-    Ok(Running { shutdown, main, http_addr, metrics, health, engine, snapshot_writes })
+    Ok(Running { shutdown, main, http_addr, metrics, health, engine, snapshot_writes, reloads })
 }
 
 /// Maps and indexes data.json on the pool.

@@ -61,6 +61,11 @@ struct Inner {
     /// Called after entries are cached or dropped: wakes the snapshot writer. Must not
     /// block (it is called on pool threads).
     cache_changed: Box<dyn Fn() + Send + Sync>,
+    /// The epoch being served, for whoever waits for a swap (tests, logs).
+    epochs: watch::Sender<u64>,
+    /// Notified when a computation found the data changed under its index, so the
+    /// reload watcher looks at the file now instead of at its next poll.
+    stale: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Inner {
@@ -92,6 +97,8 @@ impl Engine {
             clock,
             metrics,
             cache_changed,
+            epochs: watch::Sender::new(1),
+            stale: tokio::sync::Notify::new(),
         };
         Engine { inner: Arc::new(inner) }
     }
@@ -117,7 +124,18 @@ impl Engine {
         self.inner.metrics.cache_entries.set(state.cache.len() as i64);
         drop(state);
         (self.inner.cache_changed)();
+        self.inner.epochs.send_replace(epoch);
         epoch
+    }
+
+    /// The epoch being served, updated on every swap.
+    pub fn epochs(&self) -> watch::Receiver<u64> {
+        self.inner.epochs.subscribe()
+    }
+
+    /// Resolves when a computation finds the data file changed in place.
+    pub async fn stale_data(&self) {
+        self.inner.stale.notified().await;
     }
 
     /// The answer (statistics and report entry) for each of `phones` (distinct), all
@@ -226,6 +244,9 @@ impl Inner {
         let phones: Vec<u64> = owned.iter().map(|(phone, _)| *phone).collect();
         let land = Land { state: &self.state, epoch: loaded.epoch, phones };
         let computed = compute::compute(&loaded.dataset, &land.phones, &self.pool);
+        if computed.is_err() {
+            self.stale.notify_one();
+        }
         let now = self.clock.now_ms();
         let current = self.data.load().epoch == loaded.epoch;
         // Report entries are serialised here, on the pool, once per computation.

@@ -8,6 +8,7 @@
 //! - [`cache`]: the TTL map of per-phone statistics, tagged by data version.
 //! - [`engine`]: cache lookups, single-flight computation on the pool, data swaps.
 //! - [`snapshot`]: the cache's file format and write-behind thread.
+//! - [`reload`]: notices a replaced data.json, indexes it, swaps it in.
 //! - [`message`]: the wire contract (task parsing, report JSON).
 //! - [`broker`]: RabbitMQ connection, topology, consume and confirmed publish.
 //! - [`service`]: the task pipeline, the ack decision and the consume loop.
@@ -32,6 +33,7 @@ pub mod health;
 pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod reload;
 pub mod service;
 pub mod shutdown;
 pub mod snapshot;

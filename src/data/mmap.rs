@@ -46,9 +46,13 @@ impl Mapping {
         self.identity
     }
 
-    /// Whether the open file still has the length it was mapped with (a cheap guard
-    /// against reading past the end of a file truncated in place).
+    /// Whether the mapped file still has the size and modification time it was mapped
+    /// with: one `fstat`, checked before every aggregation, so a file rewritten or
+    /// truncated in place is noticed before its pages are read rather than after.
     pub fn still_intact(&self) -> bool {
-        self.file.metadata().is_ok_and(|meta| meta.len() == self.identity.len)
+        self.file.metadata().is_ok_and(|meta| {
+            let now = FileIdentity::of_metadata(&meta);
+            now.len == self.identity.len && now.modified_ns == self.identity.modified_ns
+        })
     }
 }
