@@ -16,6 +16,7 @@
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: what operators see.
 //! - [`config`], [`clock`], [`shutdown`], [`cpu`]: inputs.
 //! - [`datagen`]: deterministic data.json generation for tests, benches and users.
+//! - [`producer`]: the client side: send, sample tasks, load test, echo baseline.
 //!
 //! The binaries in `src/bin` only parse arguments and call into these modules.
 
@@ -33,6 +34,7 @@ pub mod health;
 pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod producer;
 pub mod reload;
 pub mod service;
 pub mod shutdown;

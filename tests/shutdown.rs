@@ -83,7 +83,8 @@ async fn sigterm_with_tasks_in_flight_loses_nothing_and_exits_zero() {
         let i = report["correlation_id"].as_u64().unwrap();
         assert_eq!(report["data"], expected_data(&records, &phones(i)), "task {i}");
     }
-    let answered_by_second = second.metrics().tasks_with(report_service::metrics::outcome::ANSWERED);
-    assert!(answered_by_second > 0, "the scenario needs tasks left after SIGTERM");
+    let metrics = Arc::clone(second.metrics());
     second.stop().await.unwrap();
+    let answered_by_second = metrics.tasks_with(report_service::metrics::outcome::ANSWERED);
+    assert!(answered_by_second > 0, "the scenario needs tasks left after SIGTERM");
 }

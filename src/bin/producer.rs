@@ -1,0 +1,184 @@
+//! producer: send tasks, publish the sample tasks, load-test the service or the broker.
+
+use anyhow::{Context, Result, bail};
+use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use report_service::config::{Config, SETTINGS};
+use report_service::producer::{self, Client, FIRST_SAMPLE_ID, LoadOptions, SAMPLE_TASKS};
+use std::time::Duration;
+
+/// Client for report-service. AMQP_URL, TASK_QUEUE and REPORT_QUEUE come from the
+/// environment or the flags of the same name, as for the service.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publish one task; with --wait, print its report (exit 1 on timeout or error report).
+    Send {
+        #[arg(long, value_delimiter = ',', required = true)]
+        phones: Vec<u64>,
+        /// Default: the current time in microseconds.
+        #[arg(long)]
+        correlation_id: Option<u64>,
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait for the report.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Publish the starting service's ten sample tasks; reports go to REPORT_QUEUE.
+    Seed,
+    /// Keep C tasks in flight until N are answered; print throughput and latency.
+    Load {
+        #[arg(long, default_value_t = 1000)]
+        tasks: u64,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        phones_per_task: usize,
+        /// Phones are drawn from 0..PHONE_MAX...
+        #[arg(long, default_value_t = 200)]
+        phone_max: u64,
+        /// ...or from 0..HOT_SET (a warm cache).
+        #[arg(long)]
+        hot_set: Option<u64>,
+        /// Seconds without a reply before the remaining tasks count as unanswered.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print the summary as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Answer every task on TASK_QUEUE with an empty report, as fast as the broker
+    /// allows: the baseline a load test of the service is compared with.
+    Echo {
+        #[arg(long, default_value_t = 64)]
+        prefetch: u16,
+    },
+}
+
+/// The settings the producer shares with the service.
+const SHARED: [&str; 3] = ["AMQP_URL", "TASK_QUEUE", "REPORT_QUEUE"];
+
+fn config(matches: &ArgMatches) -> Result<Config> {
+    let mut vars = Config::env_vars();
+    for variable in SHARED {
+        if let Some(value) = matches.get_one::<String>(variable) {
+            vars.insert(variable.to_owned(), value.clone());
+        }
+    }
+    Ok(Config::from_vars(&vars)?)
+}
+
+fn main() -> Result<()> {
+    report_service::cpu::ensure_supported()?;
+    let flags = SETTINGS.iter().filter(|s| SHARED.contains(&s.variable)).map(|s| {
+        let long = s.variable.to_ascii_lowercase().replace('_', "-");
+        Arg::new(s.variable).long(long).global(true).help(format!("{} ({})", s.help, s.variable))
+    });
+    let matches = Cli::command().args(flags).get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    let config = config(&matches)?;
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli.command, config))
+}
+
+async fn run(command: Command, config: Config) -> Result<()> {
+    let client = Client::connect(&config.amqp_url, &config.task_queue)
+        .await
+        .with_context(|| format!("cannot reach the broker at {}", config.amqp_url))?;
+    let result = match command {
+        Command::Send { phones, correlation_id, wait, timeout } => {
+            let id = correlation_id.unwrap_or_else(now_micros);
+            let report = producer::send_one(&client, id, &phones, wait.then(|| Duration::from_secs(timeout))).await?;
+            match report {
+                None => eprintln!("sent task {id} to {}", config.task_queue),
+                Some(body) => {
+                    let json: sonic_rs::Value = sonic_rs::from_slice(&body).context("the report is not JSON")?;
+                    println!("{}", sonic_rs::to_string_pretty(&json)?);
+                    if producer::is_error_report(&body) {
+                        bail!("the service answered with an error report");
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Seed => {
+            for (i, phones) in SAMPLE_TASKS.iter().enumerate() {
+                producer::send_one(&client, FIRST_SAMPLE_ID + i as u64, phones, None).await?;
+            }
+            eprintln!(
+                "published {} sample tasks to {}; their reports go to {}",
+                SAMPLE_TASKS.len(),
+                config.task_queue,
+                config.report_queue
+            );
+            Ok(())
+        }
+        Command::Load { tasks, concurrency, phones_per_task, phone_max, hot_set, timeout, seed, json } => {
+            let options = LoadOptions {
+                tasks,
+                concurrency,
+                phones_per_task,
+                phone_max,
+                hot_set,
+                idle_timeout: Duration::from_secs(timeout),
+                seed,
+            };
+            let bar = ProgressBar::with_draw_target(Some(tasks), ProgressDrawTarget::stderr());
+            bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} answered  {per_sec}  eta {eta}")?);
+            let summary = producer::load(&client, options, &bar).await?;
+            bar.finish_and_clear();
+            if json {
+                println!("{}", sonic_rs::to_string(&summary)?);
+            } else {
+                let l = summary.latency;
+                println!(
+                    "tasks {} (concurrency {}): sent {}, answered {}, error reports {}, duplicates {}, unanswered {}, not sent {}",
+                    summary.tasks,
+                    summary.concurrency,
+                    summary.sent,
+                    summary.answered,
+                    summary.error_reports,
+                    summary.duplicates,
+                    summary.unanswered,
+                    summary.not_sent
+                );
+                println!("{:.0} tasks/s over {:.2} s", summary.throughput_per_s, summary.elapsed_s);
+                println!(
+                    "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+                    l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
+                );
+            }
+            if !summary.passed() {
+                bail!(
+                    "{} unanswered, {} not sent, {} error reports",
+                    summary.unanswered,
+                    summary.not_sent,
+                    summary.error_reports
+                );
+            }
+            Ok(())
+        }
+        Command::Echo { prefetch } => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            report_service::shutdown::cancel_on_signals(stop.clone())?;
+            eprintln!("echoing tasks on {} until SIGINT/SIGTERM", config.task_queue);
+            let answered = producer::echo(&client, prefetch, stop).await?;
+            eprintln!("answered {answered} tasks");
+            Ok(())
+        }
+    };
+    client.close().await;
+    result
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}

@@ -1,0 +1,444 @@
+//! The client side: sending tasks, the starting service's sample tasks, a load test
+//! with latency percentiles, and a bare echo consumer that measures what the broker
+//! alone can do. Used by the `producer` binary and by the tests.
+//!
+//! Clients declare the task queue exactly as the starting service's clients did (plain
+//! durable, no arguments) and receive replies on their own exclusive, server-named queue.
+
+use crate::config::AmqpUrl;
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use indicatif::ProgressBar;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use serde::Serialize;
+use sonic_rs::JsonValueTrait;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// The starting service's ten sample tasks; correlation ids 13242421424214..=13242421424223.
+pub const SAMPLE_TASKS: [[u64; 10]; 10] = [
+    [1, 2, 3, 3, 5, 11, 67, 45, 23, 33],
+    [4, 5, 6, 4, 99, 98, 97, 56, 45, 45],
+    [7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+    [17, 18, 19, 20, 21, 22, 23, 24, 25, 36],
+    [37, 38, 39, 10, 11, 32, 13, 45, 15, 16],
+    [7, 1, 0, 10, 76, 8, 78, 15, 1, 11],
+    [83, 81, 91, 11, 51, 44, 7, 15, 25, 76],
+    [0, 58, 59, 50, 51, 52, 53, 54, 55, 36],
+    [70, 82, 9, 3, 11, 12, 2, 75, 87, 90],
+    [66, 8, 99, 55, 33, 44, 66, 77, 43, 39],
+];
+pub const FIRST_SAMPLE_ID: u64 = 13_242_421_424_214;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{operation} failed: {source}")]
+    Amqp {
+        operation: &'static str,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("the broker did not confirm a published task")]
+    NotConfirmed,
+    #[error("no report within {0:?}")]
+    Timeout(Duration),
+}
+
+fn amqp(operation: &'static str) -> impl FnOnce(lapin::Error) -> ClientError {
+    move |source| ClientError::Amqp { operation, source }
+}
+
+/// A connection with a confirm-mode channel, the task queue declared.
+pub struct Client {
+    connection: Connection,
+    channel: Channel,
+    task_queue: ShortString,
+}
+
+impl Client {
+    pub async fn connect(url: &AmqpUrl, task_queue: &str) -> Result<Client, ClientError> {
+        let properties = ConnectionProperties::default().with_connection_name("report-service producer".into());
+        let connection = Connection::connect(url.expose(), properties).await.map_err(amqp("connect"))?;
+        let channel = connection.create_channel().await.map_err(amqp("channel.open"))?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("confirm.select"))?;
+        let task_queue = ShortString::try_new(task_queue).map_err(|_| ClientError::NotConfirmed)?;
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        channel
+            .queue_declare(task_queue.clone(), durable, FieldTable::default())
+            .await
+            .map_err(amqp("queue.declare"))?;
+        Ok(Client { connection, channel, task_queue })
+    }
+
+    /// An exclusive, server-named queue and a consumer on it, for `reply_to`.
+    pub async fn reply_queue(&self) -> Result<(ShortString, Consumer), ClientError> {
+        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
+        let queue = self
+            .channel
+            .queue_declare("".into(), options, FieldTable::default())
+            .await
+            .map_err(amqp("queue.declare"))?;
+        let name = queue.name().clone();
+        let consume = BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() };
+        let consumer = self
+            .channel
+            .basic_consume(name.clone(), "producer".into(), consume, FieldTable::default())
+            .await
+            .map_err(amqp("basic.consume"))?;
+        Ok((name, consumer))
+    }
+
+    /// Publishes one task body (persistent JSON) and waits for the broker's confirm.
+    pub async fn send(&self, body: &[u8], reply_to: Option<&ShortString>) -> Result<(), ClientError> {
+        let mut properties =
+            BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
+        if let Some(queue) = reply_to {
+            properties = properties.with_reply_to(queue.clone());
+        }
+        let confirm = self
+            .channel
+            .basic_publish("".into(), self.task_queue.clone(), BasicPublishOptions::default(), body, properties)
+            .await
+            .map_err(amqp("basic.publish"))?;
+        match confirm.await.map_err(amqp("publisher confirm"))? {
+            lapin::Confirmation::Ack(_) => Ok(()),
+            _ => Err(ClientError::NotConfirmed),
+        }
+    }
+
+    pub async fn close(&self) {
+        let _ = self.connection.close(200, "producer done".into()).await;
+    }
+}
+
+/// A task body.
+pub fn task_body(correlation_id: u64, phones: &[u64]) -> Vec<u8> {
+    let mut body = format!(r#"{{"correlation_id": {correlation_id}, "phones": ["#);
+    for (i, phone) in phones.iter().enumerate() {
+        if i > 0 {
+            body.push_str(", ");
+        }
+        body.push_str(itoa::Buffer::new().format(*phone));
+    }
+    body.push_str("]}");
+    body.into_bytes()
+}
+
+/// Sends one task; with `wait`, returns its report from an exclusive reply queue.
+pub async fn send_one(
+    client: &Client,
+    id: u64,
+    phones: &[u64],
+    wait: Option<Duration>,
+) -> Result<Option<Vec<u8>>, ClientError> {
+    let Some(timeout) = wait else {
+        client.send(&task_body(id, phones), None).await?;
+        return Ok(None);
+    };
+    let (queue, mut replies) = client.reply_queue().await?;
+    client.send(&task_body(id, phones), Some(&queue)).await?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, replies.next()).await {
+            Ok(Some(Ok(delivery))) if reply_id(&delivery) == Some(id) => return Ok(Some(delivery.data)),
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(source))) => return Err(ClientError::Amqp { operation: "consume", source }),
+            Ok(None) | Err(_) => return Err(ClientError::Timeout(timeout)),
+        }
+    }
+}
+
+/// The integer correlation id of a reply, read from its AMQP property (set on every
+/// report) or, failing that, its body.
+fn reply_id(delivery: &Delivery) -> Option<u64> {
+    if let Some(id) = delivery.properties.correlation_id() {
+        return id.as_str().parse().ok();
+    }
+    sonic_rs::get_from_slice(&delivery.data, &["correlation_id"]).ok()?.as_u64()
+}
+
+/// Whether a report says `"status": "Error"`.
+pub fn is_error_report(body: &[u8]) -> bool {
+    sonic_rs::get_from_slice(body, &["status"]).ok().and_then(|s| s.as_str().map(|s| s == "Error")).unwrap_or(false)
+}
+
+/// The load to generate.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub tasks: u64,
+    pub concurrency: usize,
+    pub phones_per_task: usize,
+    /// Phones are drawn from `0..phone_max`...
+    pub phone_max: u64,
+    /// ...or from `0..hot_set` when set (a warm cache).
+    pub hot_set: Option<u64>,
+    /// Give up on the remaining tasks after this long without a reply.
+    pub idle_timeout: Duration,
+    pub seed: u64,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+/// What a load test saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct LoadSummary {
+    pub tasks: u64,
+    pub concurrency: usize,
+    pub sent: u64,
+    /// Distinct tasks answered.
+    pub answered: u64,
+    pub error_reports: u64,
+    /// Reports for tasks already answered (at-least-once redeliveries).
+    pub duplicates: u64,
+    /// Sent and not answered before the idle timeout.
+    pub unanswered: u64,
+    /// Not sent because the run gave up first.
+    pub not_sent: u64,
+    pub elapsed_s: f64,
+    pub throughput_per_s: f64,
+    pub latency: Latency,
+}
+
+impl LoadSummary {
+    /// A run passes when every task was sent and answered, none with an error report.
+    pub fn passed(&self) -> bool {
+        self.unanswered == 0 && self.not_sent == 0 && self.error_reports == 0
+    }
+}
+
+/// Per-task bookkeeping shared by the sender and the receiver.
+struct Ledger {
+    sent_at: Vec<Option<Instant>>,
+    answered: Vec<bool>,
+}
+
+/// Runs a load test: keeps `concurrency` tasks in flight until `tasks` are answered (or
+/// nothing arrives for `idle_timeout`), measuring each from publish to reply.
+pub async fn load(client: &Client, options: LoadOptions, progress: &ProgressBar) -> Result<LoadSummary, ClientError> {
+    let (queue, mut replies) = client.reply_queue().await?;
+    client.channel.basic_qos(0, BasicQosOptions::default()).await.map_err(amqp("basic.qos"))?;
+    let n = options.tasks as usize;
+    let ledger = Arc::new(parking_lot::Mutex::new(Ledger { sent_at: vec![None; n], answered: vec![false; n] }));
+    let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let stop = CancellationToken::new();
+    progress.set_length(options.tasks);
+    let started = Instant::now();
+
+    let sender = {
+        let (ledger, permits, stop, queue) = (Arc::clone(&ledger), Arc::clone(&permits), stop.clone(), queue.clone());
+        let channel = client.channel.clone();
+        let task_queue = client.task_queue.clone();
+        tokio::spawn(async move {
+            let mut rng = options.seed | 1;
+            let mut confirms = futures_util::stream::FuturesUnordered::new();
+            let mut sent = 0u64;
+            for id in 0..options.tasks {
+                let permit = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    permit = Arc::clone(&permits).acquire_owned() => permit,
+                };
+                // Released by the receiver when the reply arrives.
+                if let Ok(permit) = permit {
+                    permit.forget();
+                }
+                let phones = pick_phones(&mut rng, &options);
+                let properties = BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_reply_to(queue.clone());
+                ledger.lock().sent_at[id as usize] = Some(Instant::now());
+                let published = channel
+                    .basic_publish(
+                        "".into(),
+                        task_queue.clone(),
+                        BasicPublishOptions::default(),
+                        &task_body(id, &phones),
+                        properties,
+                    )
+                    .await;
+                match published {
+                    Ok(confirm) => confirms.push(confirm),
+                    Err(_) => break,
+                }
+                sent += 1;
+                // Reap confirms as they come, without waiting for each.
+                while let Some(Some(_)) = futures_util::FutureExt::now_or_never(confirms.next()) {}
+            }
+            let mut unconfirmed = 0u64;
+            while let Some(confirm) = confirms.next().await {
+                if !matches!(confirm, Ok(lapin::Confirmation::Ack(_))) {
+                    unconfirmed += 1;
+                }
+            }
+            (sent, unconfirmed)
+        })
+    };
+
+    // 1 us .. 10 min at 3 significant digits; infallible for these constant bounds.
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("constant, valid bounds");
+    let (mut answered, mut errors, mut duplicates) = (0u64, 0u64, 0u64);
+    while answered < options.tasks {
+        let delivery = match tokio::time::timeout(options.idle_timeout, replies.next()).await {
+            Ok(Some(Ok(delivery))) => delivery,
+            Ok(Some(Err(source))) => return Err(ClientError::Amqp { operation: "consume", source }),
+            Ok(None) | Err(_) => break,
+        };
+        let Some(id) = reply_id(&delivery).filter(|&id| id < options.tasks) else { continue };
+        let fresh = {
+            let mut ledger = ledger.lock();
+            let first = !ledger.answered[id as usize];
+            ledger.answered[id as usize] = true;
+            if first && let Some(sent) = ledger.sent_at[id as usize] {
+                histogram.saturating_record(sent.elapsed().as_micros() as u64);
+            }
+            first
+        };
+        if !fresh {
+            duplicates += 1;
+            continue;
+        }
+        answered += 1;
+        errors += u64::from(is_error_report(&delivery.data));
+        permits.add_permits(1);
+        progress.inc(1);
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    let (sent, _unconfirmed) = sender.await.unwrap_or((0, 0));
+    let ms = |micros: u64| micros as f64 / 1000.0;
+    let latency = Latency {
+        p50_ms: ms(histogram.value_at_quantile(0.50)),
+        p90_ms: ms(histogram.value_at_quantile(0.90)),
+        p99_ms: ms(histogram.value_at_quantile(0.99)),
+        p999_ms: ms(histogram.value_at_quantile(0.999)),
+        max_ms: ms(histogram.max()),
+    };
+    Ok(LoadSummary {
+        tasks: options.tasks,
+        concurrency: options.concurrency,
+        sent,
+        answered,
+        error_reports: errors,
+        duplicates,
+        unanswered: sent.saturating_sub(answered),
+        not_sent: options.tasks - sent,
+        elapsed_s: elapsed.as_secs_f64(),
+        throughput_per_s: answered as f64 / elapsed.as_secs_f64().max(1e-9),
+        latency,
+    })
+}
+
+/// `phones_per_task` distinct phones (when the range allows) from the configured range.
+fn pick_phones(rng: &mut u64, options: &LoadOptions) -> Vec<u64> {
+    let range = options.hot_set.unwrap_or(options.phone_max).max(1);
+    let mut phones = Vec::with_capacity(options.phones_per_task);
+    while phones.len() < options.phones_per_task {
+        // xorshift64
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        let phone = *rng % range;
+        if !phones.contains(&phone) || phones.len() as u64 >= range {
+            phones.push(phone);
+        }
+    }
+    phones
+}
+
+/// A bare consumer that answers every task with a minimal report, publisher-confirmed
+/// and acked after the confirm, like the service: the broker's own limit for a load.
+pub async fn echo(client: &Client, prefetch: u16, stop: CancellationToken) -> Result<u64, ClientError> {
+    let consume_channel = client.connection.create_channel().await.map_err(amqp("channel.open"))?;
+    consume_channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(amqp("basic.qos"))?;
+    let mut tasks = consume_channel
+        .basic_consume(client.task_queue.clone(), "echo".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .map_err(amqp("basic.consume"))?;
+    let mut answered = 0u64;
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => answered += 1,
+            next = tasks.next() => {
+                let Some(Ok(delivery)) = next else { break };
+                let channel = client.channel.clone();
+                in_flight.push(async move {
+                    let id = sonic_rs::get_from_slice(&delivery.data, &["correlation_id"]).map(|v| v.as_raw_str().to_owned()).unwrap_or_default();
+                    let body = format!(r#"{{"correlation_id":{id},"status":"Complete","data":[]}}"#);
+                    let reply_to = delivery.properties.reply_to().clone().unwrap_or_else(|| "ready_report".into());
+                    let properties = BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2)
+                        .with_correlation_id(ShortString::try_new(id.as_str()).unwrap_or_default());
+                    if let Ok(confirm) = channel.basic_publish("".into(), reply_to, BasicPublishOptions::default(), body.as_bytes(), properties).await
+                        && confirm.await.is_ok()
+                    {
+                        let _ = delivery.ack(BasicAckOptions::default()).await;
+                    }
+                });
+            }
+        }
+    }
+    Ok(answered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_bodies_are_the_documented_json() {
+        assert_eq!(task_body(7, &[1, 2, 79_161_234_567]), br#"{"correlation_id": 7, "phones": [1, 2, 79161234567]}"#);
+        assert_eq!(task_body(0, &[]), br#"{"correlation_id": 0, "phones": []}"#);
+    }
+
+    #[test]
+    fn picked_phones_are_distinct_and_in_range() {
+        let options = LoadOptions {
+            tasks: 1,
+            concurrency: 1,
+            phones_per_task: 10,
+            phone_max: 200,
+            hot_set: Some(12),
+            idle_timeout: Duration::from_secs(1),
+            seed: 3,
+        };
+        let mut rng = 3;
+        for _ in 0..100 {
+            let phones = pick_phones(&mut rng, &options);
+            assert_eq!(phones.len(), 10);
+            assert!(phones.iter().all(|&p| p < 12));
+            let mut distinct = phones.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 10);
+        }
+    }
+
+    #[test]
+    fn a_run_passes_only_when_every_task_is_answered_without_errors() {
+        let ok = LoadSummary { tasks: 3, sent: 3, answered: 3, ..LoadSummary::default() };
+        assert!(ok.passed());
+        assert!(!LoadSummary { unanswered: 1, ..ok }.passed());
+        assert!(!LoadSummary { not_sent: 1, ..ok }.passed());
+        assert!(!LoadSummary { error_reports: 1, ..ok }.passed());
+    }
+}

@@ -1,0 +1,112 @@
+//! The producer against the real broker: a load test's counts against an in-process
+//! service, a failing run when nothing answers, `send --wait` and `seed`.
+
+mod support;
+
+use indicatif::ProgressBar;
+use report_service::clock::SystemClock;
+use report_service::config::AmqpUrl;
+use report_service::producer::{self, Client as Producer, LoadOptions};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+use support::amqp::{AMQP_URL, Client, Names, data_file, expected_data, next_json};
+use support::start_service;
+
+fn url() -> AmqpUrl {
+    report_service::config::Config::from_vars(&[("AMQP_URL".to_owned(), AMQP_URL.to_owned())].into()).unwrap().amqp_url
+}
+
+fn producer_command(names: &Names) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_producer"));
+    command.envs(names.vars());
+    command
+}
+
+#[tokio::test]
+async fn a_load_test_against_the_service_counts_every_answer() {
+    let names = Names::unique("load");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = data_file(dir.path(), 200, 50);
+    let _queues = Client::new(&names).await;
+    let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    let client = Producer::connect(&url(), &names.tasks).await.unwrap();
+    let options = LoadOptions {
+        tasks: 400,
+        concurrency: 32,
+        phones_per_task: 10,
+        phone_max: 250,
+        hot_set: None,
+        idle_timeout: Duration::from_secs(30),
+        seed: 9,
+    };
+    let summary = producer::load(&client, options, &ProgressBar::hidden()).await.unwrap();
+    assert_eq!((summary.sent, summary.answered, summary.unanswered, summary.not_sent), (400, 400, 0, 0));
+    assert_eq!((summary.error_reports, summary.duplicates), (0, 0));
+    assert!(summary.passed());
+    assert!(summary.latency.p50_ms > 0.0 && summary.latency.p50_ms <= summary.latency.p99_ms);
+    assert!(summary.latency.p99_ms <= summary.latency.max_ms);
+    client.close().await;
+    service.stop().await.unwrap();
+}
+
+/// Nothing consumes the queue: the run gives up after its idle timeout and fails.
+#[tokio::test]
+async fn an_unanswered_task_makes_the_load_test_fail() {
+    let names = Names::unique("unanswered");
+    let _queues = Client::new(&names).await;
+    let out = tokio::task::spawn_blocking(move || {
+        producer_command(&names)
+            .args(["load", "--tasks", "5", "--concurrency", "2", "--timeout", "1", "--json"])
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("run producer");
+    assert!(!out.status.success());
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the JSON summary");
+    assert_eq!((summary["sent"].as_u64(), summary["answered"].as_u64()), (Some(2), Some(0)));
+    assert_eq!((summary["unanswered"].as_u64(), summary["not_sent"].as_u64()), (Some(2), Some(3)));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 unanswered, 3 not sent"));
+}
+
+#[tokio::test]
+async fn send_waits_for_and_prints_its_report_and_seed_fills_the_report_queue() {
+    let names = Names::unique("send");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 100, 50);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+
+    let send_names = names.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        producer_command(&send_names)
+            .args(["send", "--phones", "1,2,2", "--correlation-id", "42", "--wait", "--timeout", "30"])
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("run producer");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a pretty report");
+    assert_eq!(report["correlation_id"], 42);
+    assert_eq!(report["data"], expected_data(&records, &[1, 2]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\n  \"status\": \"Complete\""), "pretty-printed");
+
+    let seed_names = names.clone();
+    let out =
+        tokio::task::spawn_blocking(move || producer_command(&seed_names).arg("seed").output()).await.unwrap().unwrap();
+    assert!(out.status.success());
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let (report, _) = next_json(&mut reports).await;
+        let id = report["correlation_id"].as_u64().unwrap();
+        let phones = producer::SAMPLE_TASKS[(id - producer::FIRST_SAMPLE_ID) as usize];
+        assert_eq!(report["data"], expected_data(&records, &phones));
+        ids.push(id);
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (producer::FIRST_SAMPLE_ID..producer::FIRST_SAMPLE_ID + 10).collect::<Vec<_>>());
+    service.stop().await.unwrap();
+}
