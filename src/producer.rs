@@ -181,6 +181,9 @@ pub struct LoadOptions {
     pub phone_max: u64,
     /// ...or from `0..hot_set` when set (a warm cache).
     pub hot_set: Option<u64>,
+    /// Task `i` asks for phones `i*K .. (i+1)*K` (mod the range) instead of random ones:
+    /// no phone shared between tasks, so a cold cache stays cold for every task.
+    pub disjoint: bool,
     /// Give up on the remaining tasks after this long without a reply.
     pub idle_timeout: Duration,
     pub seed: u64,
@@ -258,7 +261,8 @@ pub async fn load(client: &Client, options: LoadOptions, progress: &ProgressBar)
                 if let Ok(permit) = permit {
                     permit.forget();
                 }
-                let phones = pick_phones(&mut rng, &options);
+                let phones =
+                    if options.disjoint { disjoint_phones(id, &options) } else { pick_phones(&mut rng, &options) };
                 let properties = BasicProperties::default()
                     .with_content_type("application/json".into())
                     .with_delivery_mode(2)
@@ -345,6 +349,13 @@ pub async fn load(client: &Client, options: LoadOptions, progress: &ProgressBar)
     })
 }
 
+/// Task `id`'s block of consecutive phones.
+fn disjoint_phones(id: u64, options: &LoadOptions) -> Vec<u64> {
+    let range = options.hot_set.unwrap_or(options.phone_max).max(1);
+    let k = options.phones_per_task as u64;
+    (0..k).map(|j| (id * k + j) % range).collect()
+}
+
 /// `phones_per_task` distinct phones (when the range allows) from the configured range.
 fn pick_phones(rng: &mut u64, options: &LoadOptions) -> Vec<u64> {
     let range = options.hot_set.unwrap_or(options.phone_max).max(1);
@@ -362,9 +373,16 @@ fn pick_phones(rng: &mut u64, options: &LoadOptions) -> Vec<u64> {
     phones
 }
 
-/// A bare consumer that answers every task with a minimal report, publisher-confirmed
-/// and acked after the confirm, like the service: the broker's own limit for a load.
-pub async fn echo(client: &Client, prefetch: u16, stop: CancellationToken) -> Result<u64, ClientError> {
+/// A bare consumer that answers every task with a report of `reply_bytes` (at least a
+/// minimal one), publisher-confirmed and acked after the confirm, like the service: the
+/// broker's own limit for a load with replies of that size.
+pub async fn echo(
+    client: &Client,
+    prefetch: u16,
+    reply_bytes: usize,
+    stop: CancellationToken,
+) -> Result<u64, ClientError> {
+    let padding = "x".repeat(reply_bytes.saturating_sub(64));
     let consume_channel = client.connection.create_channel().await.map_err(amqp("channel.open"))?;
     consume_channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(amqp("basic.qos"))?;
     let mut tasks = consume_channel
@@ -379,10 +397,10 @@ pub async fn echo(client: &Client, prefetch: u16, stop: CancellationToken) -> Re
             Some(()) = in_flight.next(), if !in_flight.is_empty() => answered += 1,
             next = tasks.next() => {
                 let Some(Ok(delivery)) = next else { break };
-                let channel = client.channel.clone();
+                let (channel, padding) = (client.channel.clone(), padding.clone());
                 in_flight.push(async move {
                     let id = sonic_rs::get_from_slice(&delivery.data, &["correlation_id"]).map(|v| v.as_raw_str().to_owned()).unwrap_or_default();
-                    let body = format!(r#"{{"correlation_id":{id},"status":"Complete","data":[]}}"#);
+                    let body = format!(r#"{{"correlation_id":{id},"status":"Complete","data":[],"pad":"{padding}"}}"#);
                     let reply_to = delivery.properties.reply_to().clone().unwrap_or_else(|| "ready_report".into());
                     let properties = BasicProperties::default()
                         .with_content_type("application/json".into())
@@ -418,6 +436,7 @@ mod tests {
             phones_per_task: 10,
             phone_max: 200,
             hot_set: Some(12),
+            disjoint: false,
             idle_timeout: Duration::from_secs(1),
             seed: 3,
         };
@@ -431,6 +450,24 @@ mod tests {
             distinct.dedup();
             assert_eq!(distinct.len(), 10);
         }
+    }
+
+    #[test]
+    fn disjoint_tasks_share_no_phone() {
+        let options = LoadOptions {
+            tasks: 10,
+            concurrency: 10,
+            phones_per_task: 10,
+            phone_max: 200,
+            hot_set: None,
+            disjoint: true,
+            idle_timeout: Duration::from_secs(1),
+            seed: 1,
+        };
+        let mut all: Vec<u64> = (0..10).flat_map(|id| disjoint_phones(id, &options)).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all, (0..100).collect::<Vec<_>>());
     }
 
     #[test]

@@ -47,6 +47,9 @@ enum Command {
         /// ...or from 0..HOT_SET (a warm cache).
         #[arg(long)]
         hot_set: Option<u64>,
+        /// Task i asks for phones i*K..(i+1)*K: no phone shared between tasks.
+        #[arg(long)]
+        disjoint: bool,
         /// Seconds without a reply before the remaining tasks count as unanswered.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
@@ -61,6 +64,9 @@ enum Command {
     Echo {
         #[arg(long, default_value_t = 64)]
         prefetch: u16,
+        /// Pad replies to this many bytes (a 10-phone report is about 2,300).
+        #[arg(long, default_value_t = 0)]
+        reply_bytes: usize,
     },
 }
 
@@ -121,13 +127,14 @@ async fn run(command: Command, config: Config) -> Result<()> {
             );
             Ok(())
         }
-        Command::Load { tasks, concurrency, phones_per_task, phone_max, hot_set, timeout, seed, json } => {
+        Command::Load { tasks, concurrency, phones_per_task, phone_max, hot_set, disjoint, timeout, seed, json } => {
             let options = LoadOptions {
                 tasks,
                 concurrency,
                 phones_per_task,
                 phone_max,
                 hot_set,
+                disjoint,
                 idle_timeout: Duration::from_secs(timeout),
                 seed,
             };
@@ -166,11 +173,11 @@ async fn run(command: Command, config: Config) -> Result<()> {
             }
             Ok(())
         }
-        Command::Echo { prefetch } => {
+        Command::Echo { prefetch, reply_bytes } => {
             let stop = tokio_util::sync::CancellationToken::new();
             report_service::shutdown::cancel_on_signals(stop.clone())?;
             eprintln!("echoing tasks on {} until SIGINT/SIGTERM", config.task_queue);
-            let answered = producer::echo(&client, prefetch, stop).await?;
+            let answered = producer::echo(&client, prefetch, reply_bytes, stop).await?;
             eprintln!("answered {answered} tasks");
             Ok(())
         }

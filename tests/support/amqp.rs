@@ -168,22 +168,30 @@ pub async fn collect(consumer: &mut Consumer, want: usize) -> HashMap<String, (s
     seen
 }
 
+/// Runs `rabbitmqctl` with `args`: the local one (CI), or the one in the compose
+/// stack's broker container when only Docker is installed.
+pub fn rabbitmqctl(args: &[&str]) -> std::process::Output {
+    let local = std::process::Command::new("rabbitmqctl").args(args).output();
+    match local {
+        Ok(output) => output,
+        Err(_) => std::process::Command::new("docker")
+            .args(["compose", "exec", "-T", "rabbitmq", "rabbitmqctl"])
+            .args(args)
+            .output()
+            .expect("rabbitmqctl, locally or in the compose stack's rabbitmq container"),
+    }
+}
+
 /// Closes the broker connection whose client-provided name contains `name`, through
 /// `rabbitmqctl`, the way an operator or a network fault would.
 pub fn close_connection_named(name: &str) -> usize {
-    let listing = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "pid", "client_properties"])
-        .output()
-        .expect("rabbitmqctl runs");
+    let listing = rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"]);
     let text = String::from_utf8_lossy(&listing.stdout);
     let pids: Vec<&str> =
         text.lines().filter(|line| line.contains(name)).filter_map(|line| line.split_whitespace().next()).collect();
     for pid in &pids {
-        let status = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "close_connection", pid, "closed by a fault-injection test"])
-            .status()
-            .expect("rabbitmqctl runs");
-        assert!(status.success());
+        let closed = rabbitmqctl(&["-q", "close_connection", pid, "closed by a fault-injection test"]);
+        assert!(closed.status.success(), "{}", String::from_utf8_lossy(&closed.stderr));
     }
     pids.len()
 }
