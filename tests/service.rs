@@ -8,25 +8,12 @@ use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use report_service::clock::{ManualClock, SystemClock};
 use report_service::metrics::source;
+use report_service::producer::SAMPLE_TASKS;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 use support::amqp::{self, Client, Names, collect, data_file, expected_data, next, next_json};
 use support::start_service;
-
-/// The starting service's ten sample tasks.
-const SAMPLES: [[u64; 10]; 10] = [
-    [1, 2, 3, 3, 5, 11, 67, 45, 23, 33],
-    [4, 5, 6, 4, 99, 98, 97, 56, 45, 45],
-    [7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
-    [17, 18, 19, 20, 21, 22, 23, 24, 25, 36],
-    [37, 38, 39, 10, 11, 32, 13, 45, 15, 16],
-    [7, 1, 0, 10, 76, 8, 78, 15, 1, 11],
-    [83, 81, 91, 11, 51, 44, 7, 15, 25, 76],
-    [0, 58, 59, 50, 51, 52, 53, 54, 55, 36],
-    [70, 82, 9, 3, 11, 12, 2, 75, 87, 90],
-    [66, 8, 99, 55, 33, 44, 66, 77, 43, 39],
-];
 
 fn task(id: Value, phones: &[u64]) -> String {
     json!({ "correlation_id": id, "phones": phones }).to_string()
@@ -41,13 +28,13 @@ async fn the_sample_tasks_get_exact_reports_in_the_report_queue() {
     let client = Client::new(&names).await;
     let mut reports = client.consume(&names.reports).await;
     let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
-    for (i, phones) in SAMPLES.iter().enumerate() {
+    for (i, phones) in SAMPLE_TASKS.iter().enumerate() {
         client.send(&task(json!(13_242_421_424_214u64 + i as u64), phones)).await;
     }
-    for _ in 0..SAMPLES.len() {
+    for _ in 0..SAMPLE_TASKS.len() {
         let (report, delivery) = next_json(&mut reports).await;
         let id = report["correlation_id"].as_u64().expect("an integer id stays an integer");
-        let phones = SAMPLES[(id - 13_242_421_424_214) as usize];
+        let phones = SAMPLE_TASKS[(id - 13_242_421_424_214) as usize];
         assert_eq!(report["status"], "Complete");
         assert_eq!((report["from"].as_str(), report["to"].as_str()), (Some("report_service"), Some("client")));
         assert_eq!(report["data"], expected_data(&records, &phones), "task {id}");
@@ -365,7 +352,7 @@ async fn a_connection_closed_by_the_broker_mid_load_loses_no_task() {
     .unwrap();
     assert_eq!(closed, 1, "exactly the service's connection");
     let mut seen = collect(&mut reports, tasks as usize - 1).await;
-    seen.entry(first["correlation_id"].to_string()).or_insert((first, 0)).1 += 1;
+    amqp::note(&mut seen, first);
     assert_eq!(seen.len(), tasks as usize, "every task answered");
     for (report, _) in seen.values() {
         let i = report["correlation_id"].as_u64().unwrap();

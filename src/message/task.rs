@@ -227,4 +227,28 @@ mod tests {
         let message = task(r#"{"correlation_id": 1, "phones": [1, "x"]}"#).unwrap().phones.unwrap_err().to_string();
         assert!(message.starts_with(r#"phones[1] is "x";"#), "{message}");
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Fuzzing in the test suite (see fuzz/ for the coverage-guided version): any
+        /// bytes, or JSON-looking text, never panic, and accepted tasks keep the contract.
+        #[test]
+        fn any_body_is_classified_without_panicking(
+            body in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..300),
+                "[{}\\[\\]\",:0-9a-z_ .eE+-]{0,120}".prop_map(String::into_bytes),
+                r#"\{"correlation_id": ?(-?[0-9]{1,30}|"[^"]{0,300}"|null|\[\]), ?"phones": ?\[(-?[0-9]{1,22}(\.[0-9])?, ?){0,12}\]\}"#.prop_map(String::into_bytes),
+            ],
+            property in prop::option::of("[ -~]{0,20}"),
+        ) {
+            if let Ok(task) = parse_task(&body, property.as_deref(), LIMITS) {
+                let id = task.correlation_id.as_property();
+                prop_assert!(!id.is_empty() && id.len() <= MAX_CORRELATION_ID_BYTES);
+                if let Ok(phones) = task.phones {
+                    prop_assert!(phones.len() <= LIMITS.max_phones);
+                }
+            }
+        }
+    }
 }

@@ -116,8 +116,9 @@ impl Client {
             .expect("confirm");
     }
 
+    /// Publishes a persistent task (it survives a broker restart).
     pub async fn send(&self, body: &str) {
-        self.send_raw(body.as_bytes(), BasicProperties::default()).await;
+        self.send_raw(body.as_bytes(), BasicProperties::default().with_delivery_mode(2)).await;
     }
 
     /// A consumer on `queue` (auto-ack off; the helpers below ack).
@@ -156,16 +157,27 @@ pub async fn next_json(consumer: &mut Consumer) -> (serde_json::Value, Delivery)
     (json, delivery)
 }
 
-/// Collects reports until `want` distinct correlation ids were seen; returns them by id
-/// with how many times each arrived.
-pub async fn collect(consumer: &mut Consumer, want: usize) -> HashMap<String, (serde_json::Value, usize)> {
-    let mut seen: HashMap<String, (serde_json::Value, usize)> = HashMap::new();
+/// Reports by correlation id, with how many times each arrived.
+pub type Seen = HashMap<String, (serde_json::Value, usize)>;
+
+/// Collects reports until `want` distinct correlation ids were seen.
+pub async fn collect(consumer: &mut Consumer, want: usize) -> Seen {
+    let mut seen = Seen::new();
+    collect_into(consumer, &mut seen, want).await;
+    seen
+}
+
+/// Adds reports to `seen` until it holds `want` distinct correlation ids.
+pub async fn collect_into(consumer: &mut Consumer, seen: &mut Seen, want: usize) {
     while seen.len() < want {
         let (report, _) = next_json(consumer).await;
-        let id = report["correlation_id"].to_string();
-        seen.entry(id).or_insert((report, 0)).1 += 1;
+        note(seen, report);
     }
-    seen
+}
+
+/// Counts one report.
+pub fn note(seen: &mut Seen, report: serde_json::Value) {
+    seen.entry(report["correlation_id"].to_string()).or_insert((report, 0)).1 += 1;
 }
 
 /// Runs `rabbitmqctl` with `args`: the local one (CI), or the one in the compose

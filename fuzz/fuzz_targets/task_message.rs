@@ -1,0 +1,23 @@
+//! Any bytes as a task body, with and without an AMQP correlation id: never a panic,
+//! and every accepted task satisfies the contract's invariants.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use report_service::message::{Limits, parse_task};
+
+fuzz_target!(|data: &[u8]| {
+    let limits = Limits { max_task_bytes: 1 << 20, max_phones: 64 };
+    for property in [None, Some("from-property")] {
+        if let Ok(task) = parse_task(data, property, limits) {
+            let id = task.correlation_id.as_property();
+            assert!(!id.is_empty() && id.len() <= 255, "unusable id accepted: {id:?}");
+            if let Ok(phones) = &task.phones {
+                assert!(phones.len() <= limits.max_phones);
+                let mut distinct = phones.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                assert_eq!(distinct.len(), phones.len(), "duplicates kept");
+            }
+        }
+    }
+});

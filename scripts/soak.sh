@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Soak test (not part of CI): runs the producer's load test against the worker for
+# SOAK_MINUTES while sampling the worker's resident memory and open file descriptors,
+# and fails if either keeps growing after the warm-up.
+#
+#   scripts/soak.sh                       # 10 minutes
+#   SOAK_MINUTES=60 scripts/soak.sh       # longer
+#
+# Needs RabbitMQ on 127.0.0.1:5672 and data/data.json (cargo run --release --bin datagen).
+# Samples go to target/soak/samples.csv (seconds, rss_kib, fds, answered).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MINUTES=${SOAK_MINUTES:-10}
+SAMPLE_SECS=${SAMPLE_SECS:-5}
+WARMUP_SECS=${WARMUP_SECS:-60}
+RSS_GROWTH_KIB=${RSS_GROWTH_KIB:-65536}   # allowed growth after warm-up
+FD_GROWTH=${FD_GROWTH:-8}
+export TASK_QUEUE=soak_tasks REPORT_QUEUE=soak_reports DEAD_LETTER_QUEUE=soak_dlq
+OUT=target/soak
+mkdir -p "$OUT"
+
+cargo build --release --bins
+[ -f data/data.json ] || ./target/release/datagen
+
+SNAPSHOT_PATH="$OUT/cache.snapshot" HTTP_ADDR=127.0.0.1:9393 RUST_LOG=warn \
+    ./target/release/report-service > "$OUT/worker.log" 2>&1 &
+WORKER=$!
+trap 'kill $WORKER 2>/dev/null || true; kill $LOAD 2>/dev/null || true' EXIT
+until curl -sf http://127.0.0.1:9393/health > /dev/null; do sleep 0.2; done
+
+# Load: back-to-back runs of 20,000 tasks at concurrency 64 over 250 phones (200 known,
+# 50 unknown), until the deadline. Each run must pass (every task answered, no errors).
+(
+    end=$(( $(date +%s) + MINUTES * 60 ))
+    run=0
+    while [ "$(date +%s)" -lt "$end" ]; do
+        run=$((run + 1))
+        ./target/release/producer load --tasks 20000 --concurrency 64 --phone-max 250 --seed "$run" --json \
+            >> "$OUT/load.jsonl" 2>/dev/null || { echo "load run $run failed" >&2; exit 1; }
+    done
+) &
+LOAD=$!
+
+echo "seconds,rss_kib,fds,answered" > "$OUT/samples.csv"
+start=$(date +%s)
+while kill -0 $LOAD 2>/dev/null; do
+    now=$(( $(date +%s) - start ))
+    rss=$(awk '/VmRSS/ {print $2}' /proc/$WORKER/status)
+    fds=$(ls /proc/$WORKER/fd | wc -l)
+    answered=$(curl -s http://127.0.0.1:9393/metrics | awk '/^report_service_tasks_total\{outcome="answered"\}/ {print $2}')
+    echo "$now,$rss,$fds,${answered:-0}" >> "$OUT/samples.csv"
+    sleep "$SAMPLE_SECS"
+done
+wait $LOAD
+
+python3 - "$OUT/samples.csv" "$WARMUP_SECS" "$RSS_GROWTH_KIB" "$FD_GROWTH" <<'PY'
+import csv, sys
+rows = [r for r in csv.DictReader(open(sys.argv[1]))]
+warm = [r for r in rows if int(r["seconds"]) >= int(sys.argv[2])] or rows
+base, last = warm[0], warm[-1]
+rss_growth = max(int(r["rss_kib"]) for r in warm) - int(base["rss_kib"])
+fd_growth = max(int(r["fds"]) for r in warm) - int(base["fds"])
+print(f"{len(rows)} samples over {rows[-1]['seconds']} s; answered {last['answered']} tasks")
+print(f"RSS after warm-up {base['rss_kib']} KiB, max {max(int(r['rss_kib']) for r in warm)} KiB (+{rss_growth} KiB), end {last['rss_kib']} KiB")
+print(f"fds after warm-up {base['fds']}, max {max(int(r['fds']) for r in warm)} (+{fd_growth})")
+if rss_growth > int(sys.argv[3]) or fd_growth > int(sys.argv[4]):
+    sys.exit("FAIL: resource growth beyond the allowance")
+print("PASS")
+PY

@@ -1,0 +1,348 @@
+//! Fault injection against the real broker: forced disconnects, a broker application
+//! restart, SIGKILL of the worker, broken snapshots, broken data, and a flood of
+//! malformed messages. Each test prints its figures (`--nocapture`) for the README's
+//! reliability table. The tests in this binary run one at a time: a broker restart
+//! would break any other test's connections.
+
+mod support;
+
+use report_service::clock::SystemClock;
+use report_service::metrics::source;
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use support::amqp::{
+    self, Client, Names, Seen, WAIT, collect, collect_into, data_file, expected_data, next, next_json, rabbitmqctl,
+};
+use support::start_service;
+
+/// Serialises the tests of this binary.
+static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn task(id: u64, phones: &[u64]) -> String {
+    json!({ "correlation_id": id, "phones": phones }).to_string()
+}
+
+fn phones(i: u64) -> Vec<u64> {
+    vec![i % 50, (i * 7 + 3) % 50, (i * 13 + 5) % 50]
+}
+
+/// Checks every report against the reference; returns (distinct answered, duplicates).
+fn verify(seen: &Seen, records: &[support::RefRecord]) -> (usize, usize) {
+    for (report, _) in seen.values() {
+        let i = report["correlation_id"].as_u64().expect("integer id");
+        assert_eq!(report["data"], expected_data(records, &phones(i)), "task {i}");
+    }
+    (seen.len(), seen.values().map(|(_, n)| n - 1).sum())
+}
+
+/// A report-service child process; its stdout lines arrive on `lines`.
+struct Worker {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Worker {
+    fn start(names: &Names, data: &std::path::Path, dir: &std::path::Path, extra: &[(&str, &str)]) -> Worker {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_report-service"));
+        command
+            .envs(names.vars())
+            .env("DATA_PATH", data)
+            .env("SNAPSHOT_PATH", dir.join("cache.snapshot"))
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in extra {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start report-service");
+        let (sender, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        Worker { child, lines }
+    }
+
+    /// Waits (bounded) for a stdout line containing `needle`.
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Resident memory in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const READY: &str = r#""event":"Consumer connected and ready to consume messages.""#;
+
+#[tokio::test]
+async fn connections_force_closed_with_two_thousand_tasks_in_flight_lose_nothing() {
+    let _serial = BROKER.lock().await;
+    let names = Names::unique("fault-close");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 50, 2_000);
+    let client = Client::new(&names).await;
+    let tasks = 2_000u64;
+    for i in 0..tasks {
+        client.send(&task(i, &phones(i))).await;
+    }
+    let mut reports = client.consume(&names.reports).await;
+    let vars = [("PREFETCH", "64"), ("CACHE_TTL_SECS", "0")];
+    let service = start_service(&names, &data, dir.path(), &vars, Arc::new(SystemClock)).await;
+    let mut seen = Seen::new();
+    for close in 0..2 {
+        // Let some reports through, then cut the service's connection.
+        let so_far = seen.len();
+        collect_into(&mut reports, &mut seen, so_far + 200 + close * 400).await;
+        let queue = names.tasks.clone();
+        let closed =
+            tokio::task::spawn_blocking(move || amqp::close_connection_named(&format!("queue {queue}"))).await.unwrap();
+        assert_eq!(closed, 1);
+    }
+    collect_into(&mut reports, &mut seen, tasks as usize).await;
+    let (answered, duplicates) = verify(&seen, &records);
+    let metrics = Arc::clone(service.metrics());
+    service.stop().await.unwrap();
+    eprintln!(
+        "force-close x2: sent {tasks}, answered {answered}, duplicates {duplicates}, wrong 0, reconnects {}",
+        metrics.reconnects.get()
+    );
+    assert_eq!(answered, tasks as usize);
+    assert!(metrics.reconnects.get() >= 2);
+}
+
+/// `rabbitmqctl stop_app` / `start_app` mid-load: the service reconnects by itself and
+/// every persistent task is answered once the broker is back.
+#[tokio::test]
+async fn a_broker_application_restart_mid_load_loses_nothing() {
+    let _serial = BROKER.lock().await;
+    let names = Names::unique("fault-restart");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 50, 2_000);
+    let tasks = 2_000u64;
+    let mut seen = Seen::new();
+    // Kept to the end: its queue cleanup runs when it drops, although its connection
+    // dies with the broker.
+    let first_client = Client::new(&names).await;
+    for i in 0..tasks {
+        first_client.send(&task(i, &phones(i))).await;
+    }
+    let mut reports = first_client.consume(&names.reports).await;
+    let vars = [("PREFETCH", "16"), ("CACHE_TTL_SECS", "0")];
+    let service = start_service(&names, &data, dir.path(), &vars, Arc::new(SystemClock)).await;
+    collect_into(&mut reports, &mut seen, 300).await;
+    let restarted = tokio::task::spawn_blocking(|| {
+        let stopped = rabbitmqctl(&["-q", "stop_app"]);
+        let started = rabbitmqctl(&["-q", "start_app"]);
+        let up = rabbitmqctl(&["-q", "await_startup"]);
+        [stopped, started, up].iter().all(|o| o.status.success())
+    })
+    .await
+    .unwrap();
+    assert!(restarted, "rabbitmqctl stop_app / start_app");
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    collect_into(&mut reports, &mut seen, tasks as usize).await;
+    let (answered, duplicates) = verify(&seen, &records);
+    let metrics = Arc::clone(service.metrics());
+    service.stop().await.unwrap();
+    eprintln!(
+        "stop_app/start_app: sent {tasks}, answered {answered}, duplicates {duplicates}, wrong 0, reconnects {}",
+        metrics.reconnects.get()
+    );
+    assert_eq!(answered, tasks as usize);
+    assert!(metrics.reconnects.get() >= 1);
+}
+
+/// SIGKILL mid-load (no drain, no final snapshot flush), then a restart on the same
+/// snapshot: every task answered at least once, and the restored cache gives the same
+/// answers as the reference.
+#[tokio::test]
+async fn sigkill_mid_load_then_restart_answers_everything_from_a_consistent_cache() {
+    let _serial = BROKER.lock().await;
+    let names = Names::unique("fault-kill");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 50, 2_000);
+    let client = Client::new(&names).await;
+    let tasks = 2_000u64;
+    for i in 0..tasks {
+        client.send(&task(i, &phones(i))).await;
+    }
+    let mut reports = client.consume(&names.reports).await;
+    let vars = [("PREFETCH", "8"), ("SNAPSHOT_INTERVAL_MS", "20")];
+    let mut worker = Worker::start(&names, &data, dir.path(), &vars);
+    worker.wait_for(READY);
+    let mut seen = Seen::new();
+    collect_into(&mut reports, &mut seen, 300).await;
+    worker.child.kill().expect("SIGKILL");
+    worker.child.wait().expect("reaped");
+    assert!(dir.path().join("cache.snapshot").exists(), "a snapshot was written before the kill");
+
+    let service = start_service(&names, &data, dir.path(), &[("PREFETCH", "8")], Arc::new(SystemClock)).await;
+    collect_into(&mut reports, &mut seen, tasks as usize).await;
+    let (answered, duplicates) = verify(&seen, &records);
+    let metrics = Arc::clone(service.metrics());
+    service.stop().await.unwrap();
+    let restored_hits = metrics.phones_with(source::CACHE);
+    eprintln!(
+        "SIGKILL + restart: sent {tasks}, answered {answered}, duplicates {duplicates}, wrong 0, cache hits after restart {restored_hits}, computed {}",
+        metrics.phones_with(source::COMPUTED)
+    );
+    assert_eq!(answered, tasks as usize);
+    assert_eq!(metrics.phones_with(source::COMPUTED), 0, "all 50 phones came back from the snapshot");
+}
+
+/// Every kind of broken snapshot: the service starts, answers, and reports the problem.
+#[tokio::test]
+async fn broken_snapshots_never_stop_the_service() {
+    let _serial = BROKER.lock().await;
+    let names = Names::unique("fault-snapshot");
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let older_version = {
+        let mut bytes = report_service::snapshot::encode(&report_service::snapshot::Snapshot {
+            identity: report_service::data::FileIdentity { device: 0, inode: 0, len: 0, modified_ns: 0 },
+            written_ms: 0,
+            entries: vec![],
+        });
+        bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
+        bytes
+    };
+    let cases: [(&str, Option<Vec<u8>>); 5] = [
+        ("truncated", Some(b"RSCACHE\0\x01\x00\x00\x00short".to_vec())),
+        ("garbage", Some(b"\x00\x01 not a snapshot at all".to_vec())),
+        ("older format version", Some(older_version)),
+        ("unreadable (a directory)", None),
+        ("directory not writable (its parent is a file)", None),
+    ];
+    for (i, (case, bytes)) in cases.into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, records) = data_file(dir.path(), 10, 100);
+        let mut snapshot = dir.path().join("cache.snapshot");
+        match (&bytes, case) {
+            (Some(bytes), _) => std::fs::write(&snapshot, bytes).unwrap(),
+            (None, "unreadable (a directory)") => std::fs::create_dir(&snapshot).unwrap(),
+            // Tests run as root, which ignores permission bits: a parent that is a
+            // regular file makes every write fail regardless.
+            (None, _) => {
+                std::fs::write(dir.path().join("not-a-dir"), b"").unwrap();
+                snapshot = dir.path().join("not-a-dir").join("cache.snapshot");
+            }
+        }
+        let vars = [("SNAPSHOT_PATH", snapshot.to_str().unwrap())];
+        let service = start_service(&names, &data, dir.path(), &vars, Arc::new(SystemClock)).await;
+        let mut writes = service.snapshot_writes().unwrap();
+        client.send(&task(i as u64, &[4])).await;
+        let (report, _) = next_json(&mut reports).await;
+        assert_eq!(report["data"], expected_data(&records, &[4]), "{case}");
+        tokio::time::timeout(WAIT, writes.wait_for(|n| *n >= 1)).await.unwrap().unwrap();
+        let metrics = Arc::clone(service.metrics());
+        service.stop().await.unwrap();
+        let moved_aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with("cache.snapshot.corrupt-"));
+        let failures = metrics.snapshot_failures.get();
+        eprintln!("snapshot {case}: answered, moved aside {moved_aside}, snapshot write failures {failures}");
+        if bytes.is_some() || case.starts_with("unreadable") {
+            assert!(moved_aside, "{case}: moved aside");
+            assert_eq!(failures, 0, "{case}: later writes succeed");
+        } else {
+            assert!(failures >= 1, "{case}: the failed write is counted");
+        }
+    }
+}
+
+#[tokio::test]
+async fn missing_or_malformed_data_at_startup_exits_non_zero_without_a_panic() {
+    let _serial = BROKER.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let malformed = dir.path().join("malformed.json");
+    std::fs::write(&malformed, br#"[{"phone":1,"start_date":1,"end_date":2},{"phone":"x"}]"#).unwrap();
+    for (path, expected) in [
+        (dir.path().join("missing.json"), "cannot use DATA_PATH="),
+        (malformed, "malformed data at byte 50: expected a non-negative integer `phone`"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_report-service"))
+            .env("DATA_PATH", &path)
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run report-service");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+/// 10,000 malformed messages mixed with 1,000 valid tasks, against the real binary:
+/// every malformed one dead-lettered, every valid one answered, memory flat.
+#[tokio::test]
+async fn a_flood_of_malformed_messages_is_dead_lettered_while_valid_tasks_are_answered() {
+    let _serial = BROKER.lock().await;
+    let names = Names::unique("fault-flood");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 50, 200);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let mut dead = client.consume(&names.dlq).await;
+    let worker = Worker::start(&names, &data, dir.path(), &[("MAX_TASK_BYTES", "65536")]);
+    worker.wait_for(READY);
+    // Warm up the allocator and cache so growth, not first use, is measured.
+    for i in 0..200u64 {
+        client.send(&task(1_000_000 + i, &phones(i))).await;
+    }
+    collect(&mut reports, 200).await;
+    let rss_before = worker.rss_kib();
+    let bad: [&[u8]; 5] = [b"not json", b"", b"[1,2,3]", br#"{"phones":[1]}"#, b"{\"correlation_id\":\"\xff\"}"];
+    let huge = vec![b'x'; 70_000];
+    let (mut valid, mut malformed) = (0u64, 0u64);
+    for i in 0..11_000u64 {
+        if i % 11 == 0 {
+            client.send(&task(valid, &phones(valid))).await;
+            valid += 1;
+        } else {
+            let body: &[u8] = if i % 997 == 1 { &huge } else { bad[(i % 5) as usize] };
+            client.send_raw(body, lapin::BasicProperties::default()).await;
+            malformed += 1;
+        }
+    }
+    let seen = collect(&mut reports, valid as usize).await;
+    let (answered, duplicates) = verify(&seen, &records);
+    for _ in 0..malformed {
+        next(&mut dead).await;
+    }
+    let rss_after = worker.rss_kib();
+    eprintln!(
+        "flood: {malformed} malformed dead-lettered, {valid} valid sent, {answered} answered, {duplicates} duplicates; RSS {rss_before} KiB -> {rss_after} KiB"
+    );
+    assert_eq!(answered, valid as usize);
+    assert!(rss_after < rss_before + 32 * 1024, "memory grew from {rss_before} to {rss_after} KiB");
+    drop(worker);
+}
