@@ -86,5 +86,10 @@ async fn sigterm_with_tasks_in_flight_loses_nothing_and_exits_zero() {
     let metrics = Arc::clone(second.metrics());
     second.stop().await.unwrap();
     let answered_by_second = metrics.tasks_with(report_service::metrics::outcome::ANSWERED);
+    let duplicates: usize = seen.values().map(|(_, n)| n - 1).sum();
+    eprintln!(
+        "SIGTERM: sent {tasks}, answered {}, duplicates {duplicates}, wrong 0; {answered_by_second} by the second instance",
+        seen.len()
+    );
     assert!(answered_by_second > 0, "the scenario needs tasks left after SIGTERM");
 }

@@ -1,0 +1,309 @@
+//! The record grammar: one JSON object of the call-record schema at a byte offset.
+//!
+//! Two parsers agree on every input: a fast path that recognises the compact reference
+//! layout (`{"phone":N,"start_date":N,"end_date":N}`) with fixed literals and SWAR digit
+//! parsing, and a general parser for any valid JSON object (any whitespace, key order,
+//! escaped keys, extra fields of any type). The fast path never fails: when the bytes are
+//! not exactly the compact shape it declines and the general parser decides, so every
+//! error carries the general parser's exact offset and expectation.
+//!
+//! This module owns no state and allocates only when skipping nested extra fields.
+//!
+//! Layout: `compact` (the fast path), `general` (any valid JSON object), `malformed` (what
+//! an error says); this file holds the shared lexing primitives and the entry points.
+
+mod compact;
+mod general;
+mod malformed;
+
+#[cfg(test)]
+use compact::RECORD_WINDOW;
+pub use compact::{PhonePrefix, compact_record};
+pub use general::{general_record, skip_value};
+pub use malformed::{Expected, Found, Malformed};
+
+use super::number::parse_digits;
+
+/// One call record as stored in data.json (dates in epoch milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    pub phone: u64,
+    pub start_date: i64,
+    pub end_date: i64,
+}
+
+/// A required field of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Phone,
+    StartDate,
+    EndDate,
+}
+
+impl Field {
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Phone => "phone",
+            Field::StartDate => "start_date",
+            Field::EndDate => "end_date",
+        }
+    }
+}
+
+pub(crate) type Scan<T> = Result<T, Malformed>;
+
+#[inline(always)]
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\n' | b'\r' | b'\t')
+}
+
+/// Position of the first non-whitespace byte at or after `pos` (or `bytes.len()`).
+#[inline(always)]
+pub fn skip_ws(bytes: &[u8], mut pos: usize) -> usize {
+    while let Some(&b) = bytes.get(pos) {
+        if !is_ws(b) {
+            break;
+        }
+        pos += 1;
+    }
+    pos
+}
+
+/// Position just after the literal `lit` at `pos`, if it is there.
+#[inline(always)]
+fn literal(bytes: &[u8], pos: usize, lit: &[u8]) -> Option<usize> {
+    let end = pos + lit.len();
+    (bytes.get(pos..end)? == lit).then_some(end)
+}
+
+/// A JSON integer literal at `pos` (`-`? `0`|[1-9][0-9]*, no fraction or exponent),
+/// as sign and magnitude. `None` for anything else, including overflow of u64.
+#[inline(always)]
+fn json_integer(bytes: &[u8], pos: usize) -> Option<(bool, u64, usize)> {
+    let negative = bytes.get(pos) == Some(&b'-');
+    let digits_at = pos + usize::from(negative);
+    let (magnitude, count) = parse_digits(bytes, digits_at)?;
+    if count == 0 || (count > 1 && bytes[digits_at] == b'0') {
+        return None;
+    }
+    let end = digits_at + count;
+    if matches!(bytes.get(end), Some(b'.' | b'e' | b'E')) {
+        return None;
+    }
+    Some((negative, magnitude, end))
+}
+
+#[inline(always)]
+fn phone_at(bytes: &[u8], pos: usize) -> Option<(u64, usize)> {
+    match json_integer(bytes, pos)? {
+        // `-0` is zero, not a negative number (serde_json agrees).
+        (false, value, end) | (true, value @ 0, end) => Some((value, end)),
+        (true, _, _) => None,
+    }
+}
+
+#[inline(always)]
+fn date_at(bytes: &[u8], pos: usize) -> Option<(i64, usize)> {
+    let (negative, magnitude, end) = json_integer(bytes, pos)?;
+    let value = if negative { 0i64.checked_sub_unsigned(magnitude)? } else { i64::try_from(magnitude).ok()? };
+    Some((value, end))
+}
+
+/// What indexing needs of a record: its phone and whether its duration is negative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexedRecord {
+    pub phone: u64,
+    pub negative: bool,
+}
+
+/// The record at `pos`, in any valid layout, fully validated; `last` is the phone of
+/// the previous record, tried first because files are usually grouped by phone, and
+/// updated.
+#[inline(always)]
+pub fn index_record(bytes: &[u8], pos: usize, last: &mut PhonePrefix) -> Scan<(IndexedRecord, usize)> {
+    if let Some((ms, end)) = last.duration::<true>(bytes, pos) {
+        return Ok((IndexedRecord { phone: last.phone(), negative: ms < 0 }, end));
+    }
+    let (record, end) = record(bytes, pos)?;
+    if record.phone != last.phone() {
+        *last = PhonePrefix::new(record.phone);
+    }
+    Ok((IndexedRecord { phone: record.phone, negative: record.end_date < record.start_date }, end))
+}
+
+/// The record at `pos`, in any valid layout.
+#[inline(always)]
+pub fn record(bytes: &[u8], pos: usize) -> Scan<(Record, usize)> {
+    match compact_record(bytes, pos) {
+        Some(found) => Ok(found),
+        None => general_record(bytes, pos),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(text: &str) -> Scan<Record> {
+        record(text.as_bytes(), 0).map(|(r, end)| {
+            assert_eq!(end, text.len(), "record must end at the closing brace");
+            r
+        })
+    }
+
+    fn err(text: &str) -> (usize, Expected) {
+        let e = rec(text).expect_err("must be rejected");
+        (e.offset, e.expected)
+    }
+
+    const R: Record = Record { phone: 7, start_date: 1000, end_date: 2500 };
+
+    #[test]
+    fn compact_layout_takes_the_fast_path() {
+        let text = br#"{"phone":7,"start_date":1000,"end_date":2500}"#;
+        assert_eq!(compact_record(text, 0), Some((R, text.len())));
+    }
+
+    #[test]
+    fn any_key_order_whitespace_and_extra_fields_parse_to_the_same_record() {
+        for text in [
+            r#"{ "end_date" : 2500 , "phone":7,"start_date":1000 }"#,
+            "{\n\t\"start_date\": 1000,\r\n \"x\": {\"a\": [1, {\"}\": \"],{\"}], \"b\": null},\n \"phone\": 7, \"end_date\": 2500}",
+            r#"{"note":"he said \"},{\" \\ \u00e9 \ud83d\ude00","phone":7,"tags":[true,false,null,-1.5e+3,0,[]],"start_date":1000,"end_date":2500,"o":{}}"#,
+            r#"{"ph\u006fne":7,"start_date":1000,"end_date":2500}"#,
+            "{\"phone\":7,\"start_date\":1000,\"end_date\":2500,\"é\":\"ü\"}",
+        ] {
+            assert_eq!(compact_record(text.as_bytes(), 0), None, "{text}");
+            assert_eq!(rec(text), Ok(R), "{text}");
+        }
+    }
+
+    #[test]
+    fn phone_bounds_are_u64() {
+        assert_eq!(rec(r#"{"phone":18446744073709551615,"start_date":0,"end_date":0}"#).unwrap().phone, u64::MAX);
+        assert_eq!(err(r#"{"phone":18446744073709551616,"start_date":0,"end_date":0}"#), (9, Expected::PhoneInteger));
+        assert_eq!(err(r#"{"phone":-1,"start_date":0,"end_date":0}"#), (9, Expected::PhoneInteger));
+        assert_eq!(rec(r#"{"phone":-0,"start_date":0,"end_date":0}"#).unwrap().phone, 0);
+        assert_eq!(err(r#"{"phone":1.0,"start_date":0,"end_date":0}"#), (9, Expected::PhoneInteger));
+        assert_eq!(err(r#"{"phone":1e3,"start_date":0,"end_date":0}"#), (9, Expected::PhoneInteger));
+        assert_eq!(err(r#"{"phone":"1","start_date":0,"end_date":0}"#), (9, Expected::PhoneInteger));
+        assert_eq!(err(r#"{"phone":01,"start_date":0,"end_date":0}"#), (9, Expected::PhoneInteger));
+    }
+
+    #[test]
+    fn dates_are_signed_64_bit_integers() {
+        let r = rec(r#"{"phone":0,"start_date":-9223372036854775808,"end_date":9223372036854775807}"#).unwrap();
+        assert_eq!((r.start_date, r.end_date), (i64::MIN, i64::MAX));
+        assert_eq!(err(r#"{"phone":0,"start_date":9223372036854775808,"end_date":0}"#), (24, Expected::DateInteger));
+        assert_eq!(err(r#"{"phone":0,"start_date":1.5,"end_date":0}"#), (24, Expected::DateInteger));
+        assert_eq!(err(r#"{"phone":0,"start_date":0,"end_date":2E3}"#), (37, Expected::DateInteger));
+        assert_eq!(err(r#"{"phone":0,"start_date":null,"end_date":0}"#), (24, Expected::DateInteger));
+    }
+
+    #[test]
+    fn missing_and_repeated_fields_are_named() {
+        assert_eq!(err(r#"{"phone":0,"start_date":0}"#), (0, Expected::Field(Field::EndDate)));
+        assert_eq!(err(r#"{}"#), (0, Expected::Field(Field::Phone)));
+        assert_eq!(err(r#"{"start_date":0,"end_date":0}"#), (0, Expected::Field(Field::Phone)));
+        assert_eq!(
+            err(r#"{"phone":0,"phone":1,"start_date":0,"end_date":0}"#),
+            (11, Expected::UniqueField(Field::Phone))
+        );
+    }
+
+    #[test]
+    fn broken_syntax_is_reported_where_it_happens() {
+        assert_eq!(err(r#"[1]"#), (0, Expected::Record));
+        assert_eq!(err(r#"{"phone" 0}"#), (9, Expected::Colon));
+        assert_eq!(err(r#"{phone:0}"#), (1, Expected::Key));
+        assert_eq!(err(r#"{"phone":0 "start_date":0}"#), (11, Expected::CommaOrObjectEnd));
+        assert_eq!(err(r#"{"phone":0,"x":tru,"start_date":0,"end_date":0}"#), (15, Expected::Literal));
+        assert_eq!(err(r#"{"phone":0,"x":[1 2],"start_date":0,"end_date":0}"#), (18, Expected::CommaOrNestedArrayEnd));
+        assert_eq!(err(r#"{"phone":0,"x":{"a" 1},"start_date":0,"end_date":0}"#), (20, Expected::Colon));
+        assert_eq!(err(r#"{"phone":0,"x":"\q","start_date":0,"end_date":0}"#), (17, Expected::Escape));
+        assert_eq!(err("{\"phone\":0,\"x\":\"\n\",\"start_date\":0,\"end_date\":0}"), (16, Expected::StringChar));
+        assert_eq!(err(r#"{"phone":0,"x":01,"start_date":0,"end_date":0}"#), (16, Expected::CommaOrObjectEnd));
+        assert_eq!(err(r#"{"phone":0,"x":1.,"start_date":0,"end_date":0}"#), (17, Expected::Number));
+        assert_eq!(err(r#"{"phone":0,"x":-,"start_date":0,"end_date":0}"#), (16, Expected::Number));
+        assert_eq!(err(r#"{"phone":0,"x":,"start_date":0,"end_date":0}"#), (15, Expected::Value));
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_string_is_rejected() {
+        let mut text = br#"{"phone":0,"x":"ab"#.to_vec();
+        text.extend_from_slice(&[0xFF, b'"', b'}']);
+        let e = record(&text, 0).unwrap_err();
+        assert_eq!((e.offset, e.expected), (18, Expected::Utf8));
+    }
+
+    #[test]
+    fn truncation_anywhere_is_an_error_at_end_of_input() {
+        let text = r#"{"phone":7,"x":[{"y":"z"}],"start_date":1000,"end_date":2500}"#;
+        for cut in 0..text.len() {
+            let e = record(&text.as_bytes()[..cut], 0).expect_err("a cut record is never valid");
+            assert_eq!(e.found, Found::EndOfInput, "cut at {cut}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_in_an_ignored_field_does_not_recurse() {
+        let depth = 100_000;
+        let text =
+            format!(r#"{{"x":{}{},"phone":1,"start_date":0,"end_date":0}}"#, "[".repeat(depth), "]".repeat(depth));
+        assert_eq!(rec(&text).unwrap().phone, 1);
+    }
+
+    #[test]
+    fn a_phone_prefix_matches_only_its_own_phone() {
+        let text = br#"{"phone":17,"start_date":-5,"end_date":10}"#;
+        assert_eq!(PhonePrefix::new(17).dates(text, 0), Some((-5, 10, text.len())));
+        assert_eq!(PhonePrefix::new(1).dates(text, 0), None);
+        assert_eq!(PhonePrefix::new(170).dates(text, 0), None);
+        let long = br#"{"phone":18446744073709551615,"start_date":1684957028364,"end_date":1684957074364}"#;
+        assert_eq!(PhonePrefix::new(u64::MAX).dates(long, 0), Some((1_684_957_028_364, 1_684_957_074_364, long.len())));
+        assert_eq!(PhonePrefix::new(u64::MAX - 1).dates(long, 0), None);
+    }
+
+    #[test]
+    fn the_duration_fast_path_needs_thirteen_digit_dates_and_a_full_window() {
+        let record = r#"{"phone":17,"start_date":1684957028364,"end_date":1684957074365}"#;
+        let padded = format!("{record}{}", " ".repeat(RECORD_WINDOW));
+        let phone = PhonePrefix::new(17);
+        assert_eq!(phone.duration::<true>(padded.as_bytes(), 0), Some((46_001, record.len())));
+        assert_eq!(phone.duration::<false>(padded.as_bytes(), 0), Some((46_001, record.len())));
+        assert_eq!(phone.duration::<true>(record.as_bytes(), 0), None, "too close to the end");
+        for other in [
+            r#"{"phone":17,"start_date":5,"end_date":1684957074365}"#,
+            r#"{"phone":17,"start_date":16849570283640,"end_date":1684957074365}"#,
+            r#"{"phone":17,"start_date":0684957028364,"end_date":1684957074365}"#,
+            r#"{"phone":17,"start_date":168495702836x,"end_date":1684957074365}"#,
+        ] {
+            let padded = format!("{other}{}", " ".repeat(RECORD_WINDOW));
+            assert_eq!(phone.duration::<true>(padded.as_bytes(), 0), None, "{other}");
+        }
+        // Valid JSON whose literals line up with a thirteen-digit layout: even the
+        // unvalidated path must notice the shorter or signed number.
+        for other in [
+            r#"{"phone":17,"start_date":168495702836 ,"end_date":1684957074365}"#,
+            r#"{"phone":17,"start_date":1684957028364,"end_date":168495707436 }"#,
+            r#"{"phone":17,"start_date":-684957028364,"end_date":1684957074365}"#,
+        ] {
+            let padded = format!("{other}{}", " ".repeat(RECORD_WINDOW));
+            assert_eq!(phone.duration::<false>(padded.as_bytes(), 0), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn index_record_follows_phone_changes() {
+        let first = r#"{"phone":1,"start_date":1684957028364,"end_date":1684957074364}"#;
+        let text = format!("{first},{{\"phone\":2,\"start_date\":6,\"end_date\":5}}{}", " ".repeat(RECORD_WINDOW));
+        let mut last = PhonePrefix::new(1);
+        let indexed = |phone, negative| IndexedRecord { phone, negative };
+        assert_eq!(index_record(text.as_bytes(), 0, &mut last), Ok((indexed(1, false), first.len())));
+        assert_eq!(
+            index_record(text.as_bytes(), first.len() + 1, &mut last),
+            Ok((indexed(2, true), first.len() + 1 + 39))
+        );
+        assert_eq!(last.phone(), 2);
+    }
+}
