@@ -37,6 +37,50 @@ fn verify(seen: &Seen, records: &[support::RefRecord]) -> (usize, usize) {
     (seen.len(), seen.values().map(|(_, n)| n - 1).sum())
 }
 
+/// A fault scenario's inputs: unique queues, data (50 phones x 2,000 records) and
+/// `tasks` persistent tasks already queued.
+struct Scenario {
+    names: Names,
+    dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    records: Arc<Vec<support::RefRecord>>,
+    client: Client,
+    tasks: u64,
+}
+
+async fn scenario(label: &str, tasks: u64) -> Scenario {
+    let names = Names::unique(label);
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 50, 2_000);
+    let client = Client::new(&names).await;
+    for i in 0..tasks {
+        client.send(&task(i, &phones(i))).await;
+    }
+    Scenario { names, dir, data, records, client, tasks }
+}
+
+/// Checks every report, stops the service, prints the figures and asserts every task
+/// was answered; returns the service's metrics.
+async fn finish(
+    label: &str,
+    seen: &Seen,
+    scenario: &Scenario,
+    service: report_service::app::Running,
+) -> Arc<report_service::metrics::Metrics> {
+    let (answered, duplicates) = verify(seen, &scenario.records);
+    let metrics = Arc::clone(service.metrics());
+    service.stop().await.unwrap();
+    eprintln!(
+        "{label}: sent {}, answered {answered}, duplicates {duplicates}, wrong 0; reconnects {}, cache hits {}, computed {}",
+        scenario.tasks,
+        metrics.reconnects.get(),
+        metrics.phones_with(source::CACHE),
+        metrics.phones_with(source::COMPUTED)
+    );
+    assert_eq!(answered, scenario.tasks as usize);
+    metrics
+}
+
 /// A report-service child process; its stdout lines arrive on `lines`.
 struct Worker {
     child: Child,
@@ -103,36 +147,22 @@ const READY: &str = r#""event":"Consumer connected and ready to consume messages
 #[tokio::test]
 async fn connections_force_closed_with_two_thousand_tasks_in_flight_lose_nothing() {
     let _serial = BROKER.lock().await;
-    let names = Names::unique("fault-close");
-    let dir = tempfile::tempdir().unwrap();
-    let (data, records) = data_file(dir.path(), 50, 2_000);
-    let client = Client::new(&names).await;
-    let tasks = 2_000u64;
-    for i in 0..tasks {
-        client.send(&task(i, &phones(i))).await;
-    }
-    let mut reports = client.consume(&names.reports).await;
+    let run = scenario("fault-close", 2_000).await;
+    let mut reports = run.client.consume(&run.names.reports).await;
     let vars = [("PREFETCH", "64"), ("CACHE_TTL_SECS", "0")];
-    let service = start_service(&names, &data, dir.path(), &vars, Arc::new(SystemClock)).await;
+    let service = start_service(&run.names, &run.data, run.dir.path(), &vars, Arc::new(SystemClock)).await;
     let mut seen = Seen::new();
     for close in 0..2 {
         // Let some reports through, then cut the service's connection.
         let so_far = seen.len();
         collect_into(&mut reports, &mut seen, so_far + 200 + close * 400).await;
-        let queue = names.tasks.clone();
+        let queue = run.names.tasks.clone();
         let closed =
             tokio::task::spawn_blocking(move || amqp::close_connection_named(&format!("queue {queue}"))).await.unwrap();
         assert_eq!(closed, 1);
     }
-    collect_into(&mut reports, &mut seen, tasks as usize).await;
-    let (answered, duplicates) = verify(&seen, &records);
-    let metrics = Arc::clone(service.metrics());
-    service.stop().await.unwrap();
-    eprintln!(
-        "force-close x2: sent {tasks}, answered {answered}, duplicates {duplicates}, wrong 0, reconnects {}",
-        metrics.reconnects.get()
-    );
-    assert_eq!(answered, tasks as usize);
+    collect_into(&mut reports, &mut seen, run.tasks as usize).await;
+    let metrics = finish("force-close x2", &seen, &run, service).await;
     assert!(metrics.reconnects.get() >= 2);
 }
 
@@ -141,20 +171,13 @@ async fn connections_force_closed_with_two_thousand_tasks_in_flight_lose_nothing
 #[tokio::test]
 async fn a_broker_application_restart_mid_load_loses_nothing() {
     let _serial = BROKER.lock().await;
-    let names = Names::unique("fault-restart");
-    let dir = tempfile::tempdir().unwrap();
-    let (data, records) = data_file(dir.path(), 50, 2_000);
-    let tasks = 2_000u64;
-    let mut seen = Seen::new();
-    // Kept to the end: its queue cleanup runs when it drops, although its connection
-    // dies with the broker.
-    let first_client = Client::new(&names).await;
-    for i in 0..tasks {
-        first_client.send(&task(i, &phones(i))).await;
-    }
-    let mut reports = first_client.consume(&names.reports).await;
+    // Its client is kept to the end: the queue cleanup runs when it drops, although its
+    // connection dies with the broker.
+    let run = scenario("fault-restart", 2_000).await;
+    let mut reports = run.client.consume(&run.names.reports).await;
     let vars = [("PREFETCH", "16"), ("CACHE_TTL_SECS", "0")];
-    let service = start_service(&names, &data, dir.path(), &vars, Arc::new(SystemClock)).await;
+    let service = start_service(&run.names, &run.data, run.dir.path(), &vars, Arc::new(SystemClock)).await;
+    let mut seen = Seen::new();
     collect_into(&mut reports, &mut seen, 300).await;
     let restarted = tokio::task::spawn_blocking(|| {
         let stopped = rabbitmqctl(&["-q", "stop_app"]);
@@ -165,17 +188,10 @@ async fn a_broker_application_restart_mid_load_loses_nothing() {
     .await
     .unwrap();
     assert!(restarted, "rabbitmqctl stop_app / start_app");
-    let client = Client::new(&names).await;
-    let mut reports = client.consume(&names.reports).await;
-    collect_into(&mut reports, &mut seen, tasks as usize).await;
-    let (answered, duplicates) = verify(&seen, &records);
-    let metrics = Arc::clone(service.metrics());
-    service.stop().await.unwrap();
-    eprintln!(
-        "stop_app/start_app: sent {tasks}, answered {answered}, duplicates {duplicates}, wrong 0, reconnects {}",
-        metrics.reconnects.get()
-    );
-    assert_eq!(answered, tasks as usize);
+    let client = Client::new(&run.names).await;
+    let mut reports = client.consume(&run.names.reports).await;
+    collect_into(&mut reports, &mut seen, run.tasks as usize).await;
+    let metrics = finish("stop_app/start_app", &seen, &run, service).await;
     assert!(metrics.reconnects.get() >= 1);
 }
 
@@ -185,35 +201,21 @@ async fn a_broker_application_restart_mid_load_loses_nothing() {
 #[tokio::test]
 async fn sigkill_mid_load_then_restart_answers_everything_from_a_consistent_cache() {
     let _serial = BROKER.lock().await;
-    let names = Names::unique("fault-kill");
-    let dir = tempfile::tempdir().unwrap();
-    let (data, records) = data_file(dir.path(), 50, 2_000);
-    let client = Client::new(&names).await;
-    let tasks = 2_000u64;
-    for i in 0..tasks {
-        client.send(&task(i, &phones(i))).await;
-    }
-    let mut reports = client.consume(&names.reports).await;
+    let run = scenario("fault-kill", 2_000).await;
+    let mut reports = run.client.consume(&run.names.reports).await;
     let vars = [("PREFETCH", "8"), ("SNAPSHOT_INTERVAL_MS", "20")];
-    let mut worker = Worker::start(&names, &data, dir.path(), &vars);
+    let mut worker = Worker::start(&run.names, &run.data, run.dir.path(), &vars);
     worker.wait_for(READY);
     let mut seen = Seen::new();
     collect_into(&mut reports, &mut seen, 300).await;
     worker.child.kill().expect("SIGKILL");
     worker.child.wait().expect("reaped");
-    assert!(dir.path().join("cache.snapshot").exists(), "a snapshot was written before the kill");
+    assert!(run.dir.path().join("cache.snapshot").exists(), "a snapshot was written before the kill");
 
-    let service = start_service(&names, &data, dir.path(), &[("PREFETCH", "8")], Arc::new(SystemClock)).await;
-    collect_into(&mut reports, &mut seen, tasks as usize).await;
-    let (answered, duplicates) = verify(&seen, &records);
-    let metrics = Arc::clone(service.metrics());
-    service.stop().await.unwrap();
-    let restored_hits = metrics.phones_with(source::CACHE);
-    eprintln!(
-        "SIGKILL + restart: sent {tasks}, answered {answered}, duplicates {duplicates}, wrong 0, cache hits after restart {restored_hits}, computed {}",
-        metrics.phones_with(source::COMPUTED)
-    );
-    assert_eq!(answered, tasks as usize);
+    let service =
+        start_service(&run.names, &run.data, run.dir.path(), &[("PREFETCH", "8")], Arc::new(SystemClock)).await;
+    collect_into(&mut reports, &mut seen, run.tasks as usize).await;
+    let metrics = finish("SIGKILL + restart", &seen, &run, service).await;
     assert_eq!(metrics.phones_with(source::COMPUTED), 0, "all 50 phones came back from the snapshot");
 }
 
