@@ -78,26 +78,20 @@ impl PhonePrefix {
         self.phone
     }
 
-    /// Position after the prefix when the bytes at `pos` start with it.
+    /// The prefix's length, after the bytes at the start of `window` proved to be this
+    /// prefix (24..=43 bytes, compared as two or three overlapping 16-byte words).
     #[inline(always)]
-    fn matches(&self, bytes: &[u8], pos: usize) -> Option<usize> {
-        // 24..=43 bytes: compared as two or three overlapping 16-byte words.
-        let load = |b: &[u8], at: usize| -> Option<u128> {
+    fn matches(&self, window: &[u8; RECORD_WINDOW]) -> Option<usize> {
+        // Always within these bounds by construction; saying so lets the compiler drop
+        // the bounds checks on every offset derived from it.
+        let len = self.len.clamp(16, PhonePrefix::MAX_LEN);
+        let word = |b: &[u8], at: usize| -> Option<u128> {
             let mut word = [0u8; 16];
             word.copy_from_slice(b.get(at..at + 16)?);
             Some(u128::from_le_bytes(word))
         };
-        let len = self.len;
-        let ours = &self.bytes[..];
-        let same = |at: usize| Some(load(bytes, pos + at)? == load(ours, at)?);
-        let all = same(0)? && same(len - 16)? && (len <= 32 || same(16)?);
-        all.then_some(pos + len)
-    }
-
-    /// The dates of the compact record of this phone at `pos`.
-    #[inline(always)]
-    pub fn dates(&self, bytes: &[u8], pos: usize) -> Option<(i64, i64, usize)> {
-        compact_dates(bytes, self.matches(bytes, pos)?)
+        let same = |at: usize| Some(word(window, at)? == word(&self.bytes, at)?);
+        (same(0)? && same(len - 16)? && (len <= 32 || same(16)?)).then_some(len)
     }
 
     /// The hot path: the duration in ms of the compact record of this phone at `pos`,
@@ -110,18 +104,7 @@ impl PhonePrefix {
     #[inline(always)]
     pub fn duration<const VALIDATE: bool>(&self, bytes: &[u8], pos: usize) -> Option<(i64, usize)> {
         let window: &[u8; RECORD_WINDOW] = bytes.get(pos..pos + RECORD_WINDOW)?.try_into().ok()?;
-        // Always within these bounds by construction; saying so lets the compiler drop
-        // the bounds checks on every offset below.
-        let len = self.len.clamp(16, PhonePrefix::MAX_LEN);
-        let word = |b: &[u8], at: usize| -> Option<u128> {
-            let mut word = [0u8; 16];
-            word.copy_from_slice(b.get(at..at + 16)?);
-            Some(u128::from_le_bytes(word))
-        };
-        let same = |at: usize| Some(word(window, at)? == word(&self.bytes, at)?);
-        if !(same(0)? && same(len - 16)? && (len <= 32 || same(16)?)) {
-            return None;
-        }
+        let len = self.matches(window)?;
         let (start_at, end_at) = (len, len + 13 + COMPACT_END.len());
         literal(window, start_at + 13, COMPACT_END)?;
         literal(window, end_at + 13, b"}")?;

@@ -257,13 +257,15 @@ mod tests {
 
     #[test]
     fn a_phone_prefix_matches_only_its_own_phone() {
-        let text = br#"{"phone":17,"start_date":-5,"end_date":10}"#;
-        assert_eq!(PhonePrefix::new(17).dates(text, 0), Some((-5, 10, text.len())));
-        assert_eq!(PhonePrefix::new(1).dates(text, 0), None);
-        assert_eq!(PhonePrefix::new(170).dates(text, 0), None);
-        let long = br#"{"phone":18446744073709551615,"start_date":1684957028364,"end_date":1684957074364}"#;
-        assert_eq!(PhonePrefix::new(u64::MAX).dates(long, 0), Some((1_684_957_028_364, 1_684_957_074_364, long.len())));
-        assert_eq!(PhonePrefix::new(u64::MAX - 1).dates(long, 0), None);
+        let record = r#"{"phone":17,"start_date":1684957028364,"end_date":1684957028374}"#;
+        let text = format!("{record}{}", " ".repeat(RECORD_WINDOW));
+        assert_eq!(PhonePrefix::new(17).duration::<true>(text.as_bytes(), 0), Some((10, record.len())));
+        assert_eq!(PhonePrefix::new(1).duration::<true>(text.as_bytes(), 0), None);
+        assert_eq!(PhonePrefix::new(170).duration::<true>(text.as_bytes(), 0), None);
+        let long = r#"{"phone":18446744073709551615,"start_date":1684957028364,"end_date":1684957074364}"#;
+        let text = format!("{long}{}", " ".repeat(RECORD_WINDOW));
+        assert_eq!(PhonePrefix::new(u64::MAX).duration::<false>(text.as_bytes(), 0), Some((46_000, long.len())));
+        assert_eq!(PhonePrefix::new(u64::MAX - 1).duration::<false>(text.as_bytes(), 0), None);
     }
 
     #[test]
