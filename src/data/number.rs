@@ -96,7 +96,7 @@ fn thirteen_digit_words<const VALIDATE: bool>(bytes: &[u8], pos: usize) -> Optio
     let valid = if VALIDATE {
         non_digit_mask(high) | non_digit_mask(low) == 0 && high & 0xFF != u64::from(b'0')
     } else {
-        non_digit_mask((high & 0xFF) | (low & 0xFF00_0000_0000_0000) | 0x0030_3030_3030_3000) == 0
+        (high as u8).is_ascii_digit() && ((low >> 56) as u8).is_ascii_digit()
     };
     valid.then_some((high, low))
 }
