@@ -61,8 +61,6 @@ struct Inner {
     /// Called after entries are cached or dropped: wakes the snapshot writer. Must not
     /// block (it is called on pool threads).
     cache_changed: Box<dyn Fn() + Send + Sync>,
-    /// The epoch being served, for whoever waits for a swap (tests, logs).
-    epochs: watch::Sender<u64>,
     /// Notified when a computation found the data changed under its index, so the
     /// reload watcher looks at the file now instead of at its next poll.
     stale: tokio::sync::Notify,
@@ -97,7 +95,6 @@ impl Engine {
             clock,
             metrics,
             cache_changed,
-            epochs: watch::Sender::new(1),
             stale: tokio::sync::Notify::new(),
         };
         Engine { inner: Arc::new(inner) }
@@ -124,13 +121,7 @@ impl Engine {
         self.inner.metrics.cache_entries.set(state.cache.len() as i64);
         drop(state);
         (self.inner.cache_changed)();
-        self.inner.epochs.send_replace(epoch);
         epoch
-    }
-
-    /// The epoch being served, updated on every swap.
-    pub fn epochs(&self) -> watch::Receiver<u64> {
-        self.inner.epochs.subscribe()
     }
 
     /// Resolves when a computation finds the data file changed in place.
