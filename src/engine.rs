@@ -217,8 +217,8 @@ impl Inner {
     /// Computes the phones this task owns and hands every waiter its result. Runs on
     /// the pool.
     fn compute_flights(&self, loaded: &Loaded, owned: Vec<(u64, watch::Sender<FlightResult>)>) {
-        /// Removes the flights however the computation ends (a panic included), so no
-        /// later task joins a computation that will never finish.
+        /// Removes the flights if the computation ends without landing them (a panic),
+        /// so no later task joins a computation that will never finish.
         struct Land<'a> {
             state: &'a Mutex<State>,
             epoch: u64,
@@ -226,6 +226,9 @@ impl Inner {
         }
         impl Drop for Land<'_> {
             fn drop(&mut self) {
+                if self.phones.is_empty() {
+                    return;
+                }
                 let mut state = self.state.lock();
                 for phone in &self.phones {
                     state.flights.remove(&(self.epoch, *phone));
@@ -233,7 +236,7 @@ impl Inner {
             }
         }
         let phones: Vec<u64> = owned.iter().map(|(phone, _)| *phone).collect();
-        let land = Land { state: &self.state, epoch: loaded.epoch, phones };
+        let mut land = Land { state: &self.state, epoch: loaded.epoch, phones };
         let computed = compute::compute(&loaded.dataset, &land.phones, &self.pool);
         if computed.is_err() {
             self.stale.notify_one();
@@ -252,10 +255,12 @@ impl Inner {
             state.flights.remove(&(loaded.epoch, *phone));
             sender.send_replace(Some(result));
         }
+        // Landed: every flight was removed above, under the same lock as the cache
+        // inserts; nothing is left for the guard.
+        land.phones.clear();
         self.metrics.cache_entries.set(state.cache.len() as i64);
         let changed = current && answers.is_ok() && state.cache.enabled();
         drop(state);
-        drop(land);
         if changed {
             (self.cache_changed)();
         }
