@@ -20,7 +20,7 @@ use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -177,12 +177,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
 
 /// Maps and indexes data.json on the pool.
 pub async fn load(path: &Path, pool: &Arc<rayon::ThreadPool>) -> anyhow::Result<Dataset> {
-    let (sender, receiver) = oneshot::channel();
     let (path_buf, build_pool) = (path.to_owned(), Arc::clone(pool));
-    pool.spawn(move || {
-        let _ = sender.send(Dataset::open(&path_buf, &build_pool));
-    });
-    let dataset = receiver
+    let dataset = crate::engine::run_on_pool(pool, move || Dataset::open(&path_buf, &build_pool))
         .await
         .context("the index build was abandoned")?
         .with_context(|| format!("cannot use DATA_PATH={}", path.display()))?;

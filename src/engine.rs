@@ -186,11 +186,7 @@ impl Engine {
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, EngineError> {
-        let (sender, receiver) = oneshot::channel();
-        self.inner.pool.spawn(move || {
-            let _ = sender.send(work());
-        });
-        receiver.await.map_err(|_| EngineError::Abandoned)
+        run_on_pool(&self.inner.pool, work).await
     }
 
     /// Puts back snapshot entries computed from the data being served.
@@ -265,6 +261,19 @@ impl Inner {
             (self.cache_changed)();
         }
     }
+}
+
+/// Runs `work` on `pool` and waits for it without blocking the async runtime (the
+/// engine's own pool before there is an engine: the first index build).
+pub async fn run_on_pool<T: Send + 'static>(
+    pool: &rayon::ThreadPool,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, EngineError> {
+    let (sender, receiver) = oneshot::channel();
+    pool.spawn(move || {
+        let _ = sender.send(work());
+    });
+    receiver.await.map_err(|_| EngineError::Abandoned)
 }
 
 fn record_data_metrics(metrics: &Metrics, dataset: &Dataset) {
