@@ -1,9 +1,8 @@
 //! The broker baseline: a bare consumer answering every task like the service does
 //! (publisher confirm, then ack), without computing anything.
 
-use super::{Client, ClientError, amqp};
+use super::{Client, ClientError, amqp, persistent_json};
 use futures_util::StreamExt;
-use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use tokio_util::sync::CancellationToken;
@@ -37,9 +36,7 @@ pub async fn echo(
                     let id = sonic_rs::get_from_slice(&delivery.data, &["correlation_id"]).map(|v| v.as_raw_str().to_owned()).unwrap_or_default();
                     let body = format!(r#"{{"correlation_id":{id},"status":"Complete","data":[],"pad":"{padding}"}}"#);
                     let reply_to = delivery.properties.reply_to().clone().unwrap_or_else(|| "ready_report".into());
-                    let properties = BasicProperties::default()
-                        .with_content_type("application/json".into())
-                        .with_delivery_mode(2)
+                    let properties = persistent_json()
                         .with_correlation_id(ShortString::try_new(id.as_str()).unwrap_or_default());
                     if let Ok(confirm) = channel.basic_publish("".into(), reply_to, BasicPublishOptions::default(), body.as_bytes(), properties).await
                         && confirm.await.is_ok()

@@ -1,11 +1,10 @@
 //! The load test: keeps C tasks in flight, matches replies by correlation id, and
 //! measures each task from publish to reply.
 
-use super::{Client, ClientError, amqp, is_error_report, reply_id, task_body};
+use super::{Client, ClientError, amqp, is_error_report, persistent_json, reply_id, task_body};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
-use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, BasicQosOptions};
 use serde::Serialize;
 use std::sync::Arc;
@@ -105,10 +104,7 @@ pub async fn load(client: &Client, options: LoadOptions, progress: &ProgressBar)
                 }
                 let phones =
                     if options.disjoint { disjoint_phones(id, &options) } else { pick_phones(&mut rng, &options) };
-                let properties = BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(2)
-                    .with_reply_to(queue.clone());
+                let properties = persistent_json().with_reply_to(queue.clone());
                 ledger.lock().sent_at[id as usize] = Some(Instant::now());
                 let published = channel
                     .basic_publish(

@@ -90,8 +90,7 @@ impl Client {
 
     /// Publishes one task body (persistent JSON) and waits for the broker's confirm.
     pub async fn send(&self, body: &[u8], reply_to: Option<&ShortString>) -> Result<(), ClientError> {
-        let mut properties =
-            BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
+        let mut properties = persistent_json();
         if let Some(queue) = reply_to {
             properties = properties.with_reply_to(queue.clone());
         }
@@ -109,6 +108,11 @@ impl Client {
     pub async fn close(&self) {
         let _ = self.connection.close(200, "producer done".into()).await;
     }
+}
+
+/// The properties of every message the producer sends: persistent JSON.
+fn persistent_json() -> BasicProperties {
+    BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2)
 }
 
 /// A task body.
