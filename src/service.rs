@@ -178,12 +178,12 @@ impl Pipeline {
 
     /// Parses the body (large ones on the pool).
     async fn parse(&self, delivery: &Delivery) -> Result<Result<Task, crate::message::Rejection>, EngineError> {
-        let property_id = delivery.properties.correlation_id().as_ref().map(|id| id.as_str().to_owned());
+        let property_id = delivery.properties.correlation_id().as_ref().map(|id| id.as_str());
         let limits = self.limits;
         if delivery.data.len() <= OFFLOAD_BODY_BYTES {
-            return Ok(parse_task(&delivery.data, property_id.as_deref(), limits));
+            return Ok(parse_task(&delivery.data, property_id, limits));
         }
-        let body = delivery.data.clone();
+        let (body, property_id) = (delivery.data.clone(), property_id.map(str::to_owned));
         self.engine.run_blocking(move || parse_task(&body, property_id.as_deref(), limits)).await
     }
 }
