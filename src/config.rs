@@ -156,6 +156,30 @@ impl Config {
             .filter_map(|s| std::env::var(s.variable).ok().map(|value| (s.variable.to_owned(), value)))
             .collect()
     }
+
+    /// The environment, overridden by whichever setting flags (see [`flags`]) were given.
+    pub fn from_env_and_flags(matches: &clap::ArgMatches) -> Result<Config, ConfigError> {
+        let mut vars = Config::env_vars();
+        for setting in SETTINGS {
+            // `Err` for a setting this command does not offer as a flag.
+            if let Ok(Some(value)) = matches.try_get_one::<String>(setting.variable) {
+                vars.insert(setting.variable.to_owned(), value.clone());
+            }
+        }
+        Config::from_vars(&vars)
+    }
+}
+
+/// The command-line flags of the settings `offered` (`AMQP_URL` -> `--amqp-url`), global
+/// to every subcommand, each with its variable and default in the help.
+pub fn flags(offered: impl Fn(&Setting) -> bool) -> impl Iterator<Item = clap::Arg> {
+    SETTINGS.iter().filter(move |s| offered(s)).map(|s| {
+        let default = s.default.map_or_else(String::new, |d| format!(" [default: {d}]"));
+        clap::Arg::new(s.variable)
+            .long(s.variable.to_ascii_lowercase().replace('_', "-"))
+            .global(true)
+            .help(format!("{} ({}){default}", s.help, s.variable))
+    })
 }
 
 /// A variable's raw value (or default) being validated.

@@ -1,9 +1,9 @@
 //! producer: send tasks, publish the sample tasks, load-test the service or the broker.
 
 use anyhow::{Context, Result, bail};
-use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use report_service::config::{Config, SETTINGS};
+use report_service::config::{self, Config};
 use report_service::producer::{self, Client, FIRST_SAMPLE_ID, LoadOptions, SAMPLE_TASKS};
 use std::time::Duration;
 
@@ -73,25 +73,12 @@ enum Command {
 /// The settings the producer shares with the service.
 const SHARED: [&str; 3] = ["AMQP_URL", "TASK_QUEUE", "REPORT_QUEUE"];
 
-fn config(matches: &ArgMatches) -> Result<Config> {
-    let mut vars = Config::env_vars();
-    for variable in SHARED {
-        if let Some(value) = matches.get_one::<String>(variable) {
-            vars.insert(variable.to_owned(), value.clone());
-        }
-    }
-    Ok(Config::from_vars(&vars)?)
-}
-
 fn main() -> Result<()> {
     report_service::cpu::ensure_supported()?;
-    let flags = SETTINGS.iter().filter(|s| SHARED.contains(&s.variable)).map(|s| {
-        let long = s.variable.to_ascii_lowercase().replace('_', "-");
-        Arg::new(s.variable).long(long).global(true).help(format!("{} ({})", s.help, s.variable))
-    });
+    let flags = config::flags(|s| SHARED.contains(&s.variable));
     let matches = Cli::command().args(flags).get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
-    let config = config(&matches)?;
+    let config = Config::from_env_and_flags(&matches)?;
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli.command, config))
 }
 

@@ -2,9 +2,9 @@
 //! and `healthcheck` (for container health checks).
 
 use anyhow::{Context, Result};
-use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use report_service::clock::SystemClock;
-use report_service::config::{Config, SETTINGS};
+use report_service::config::{self, Config};
 use report_service::message::{CorrelationId, complete_report_json, dedup_phones};
 use report_service::telemetry::{self, LogTarget};
 use report_service::{app, http, shutdown};
@@ -43,34 +43,11 @@ fn parse_correlation_id(text: &str) -> Result<CorrelationId, String> {
     CorrelationId::integer(text).ok_or_else(|| format!("`{text}` is not an integer"))
 }
 
-/// `AMQP_URL` -> `amqp-url`.
-fn flag_name(variable: &str) -> String {
-    variable.to_ascii_lowercase().replace('_', "-")
-}
-
-/// The environment, overridden by flags.
-fn config(matches: &ArgMatches) -> Result<Config> {
-    let mut vars = Config::env_vars();
-    for setting in SETTINGS {
-        if let Some(value) = matches.get_one::<String>(setting.variable) {
-            vars.insert(setting.variable.to_owned(), value.clone());
-        }
-    }
-    Ok(Config::from_vars(&vars)?)
-}
-
 fn main() -> Result<()> {
     report_service::cpu::ensure_supported()?;
-    let settings = SETTINGS.iter().map(|s| {
-        let default = s.default.map_or_else(String::new, |d| format!(" [default: {d}]"));
-        Arg::new(s.variable)
-            .long(flag_name(s.variable))
-            .global(true)
-            .help(format!("{} ({}){default}", s.help, s.variable))
-    });
-    let matches = Cli::command().args(settings).get_matches();
+    let matches = Cli::command().args(config::flags(|_| true)).get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
-    let config = config(&matches)?;
+    let config = Config::from_env_and_flags(&matches)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         None => {
