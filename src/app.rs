@@ -13,8 +13,11 @@ use crate::engine::Engine;
 use crate::health::Health;
 use crate::message::Limits;
 use crate::metrics::Metrics;
+use crate::poison::Sweeper;
 use crate::reload::{self, Reloads};
+use crate::retry::RetryPolicy;
 use crate::service::{self, Pipeline};
+use crate::shutdown::Shutdown;
 use crate::snapshot::{self, DirtyMarker, Snapshot, SnapshotWriter};
 use anyhow::Context;
 use std::net::SocketAddr;
@@ -28,7 +31,7 @@ use tracing::{info, warn};
 /// A started service.
 #[derive(Debug)]
 pub struct Running {
-    shutdown: CancellationToken,
+    shutdown: Arc<Shutdown>,
     /// Consumes until shutdown, then flushes the snapshot and stops HTTP. Awaited by
     /// `stopped`.
     main: JoinHandle<()>,
@@ -70,7 +73,7 @@ impl Running {
 
     /// The token that stops the service when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
+        self.shutdown.token().clone()
     }
 
     /// Waits until the service has stopped (after its shutdown token is cancelled).
@@ -80,7 +83,7 @@ impl Running {
 
     /// Stops the service and waits for it.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
+        self.shutdown.token().cancel();
         self.stopped().await
     }
 }
@@ -140,16 +143,19 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let snapshot_writes = writer.as_ref().map(SnapshotWriter::written);
     health.set_index_ready(true);
 
-    let shutdown = CancellationToken::new();
+    let shutdown = Arc::new(Shutdown::new(CancellationToken::new(), config.shutdown_timeout));
+    let instance = instance_name();
+    let topology = Topology::from_config(&config, &instance);
     let pipeline = Arc::new(Pipeline {
         engine: engine.clone(),
         limits: Limits { max_task_bytes: config.max_task_bytes.get(), max_phones: config.max_phones_per_task.get() },
         metrics: Arc::clone(&metrics),
+        retry: RetryPolicy { max_attempts: config.max_attempts, first_delay: config.retry_delay },
+        topology,
+        instance,
     });
-    // Three quarters of the shutdown budget for tasks in flight; the rest flushes the
-    // snapshot and closes the connection.
-    let drain = config.shutdown_timeout.mul_f64(0.75);
-    let serve = service::serve(Topology::from_config(&config), pipeline, Arc::clone(&health), shutdown.clone(), drain);
+    let sweeper = Sweeper::new(&pipeline.topology, &pipeline.instance);
+    let serve = service::serve(pipeline, Arc::clone(&health), sweeper, Arc::clone(&shutdown));
     let (reload_events, reloads) = watch::channel(Reloads::default());
     let watcher = tokio::spawn(reload::watch_data(
         engine.clone(),
@@ -157,22 +163,43 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         config.data_poll_interval,
         Arc::clone(&metrics),
         reload_events,
-        shutdown.clone(),
+        shutdown.token().clone(),
     ));
+    let stopping = Arc::clone(&shutdown);
     let main = tokio::spawn(async move {
         serve.await;
-        let _ = watcher.await;
+        if let Err(error) = watcher.await {
+            warn!(%error, "the data watcher failed");
+        }
         if let Some(writer) = writer {
-            // Joining the writer thread blocks: not on the runtime's threads.
-            if tokio::task::spawn_blocking(move || writer.shutdown()).await.is_err() {
-                warn!("the final snapshot flush failed");
+            // Joining the writer thread blocks: not on the runtime's threads. If the disk
+            // does not finish in time, the process leaves without it: the previous
+            // snapshot stays intact (writes are atomic).
+            let flush = tokio::task::spawn_blocking(move || writer.shutdown());
+            match tokio::time::timeout_at(stopping.flush_deadline().into(), flush).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => warn!(%error, "the snapshot writer thread could not be joined"),
+                Err(_) => warn!("the final snapshot flush did not finish before the shutdown deadline"),
             }
         }
         http_stop.cancel();
-        let _ = http.await;
+        if tokio::time::timeout_at(stopping.deadline().into(), http).await.is_err() {
+            warn!("the HTTP endpoint did not stop before the shutdown deadline");
+        }
         info!("stopped");
     });
     Ok(Running { shutdown, main, http_addr, metrics, health, engine, snapshot_writes, reloads })
+}
+
+/// This process among the fleet: host name and pid, in connection names and dead-letter
+/// headers.
+fn instance_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host} pid {}", std::process::id())
 }
 
 /// Maps and indexes data.json on the pool.

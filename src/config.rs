@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::{NonZeroU16, NonZeroUsize};
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,8 +20,9 @@ pub struct Setting {
     pub help: &'static str,
 }
 
-/// Every setting, in README order. Defaults are stated here and nowhere else in code.
-pub const SETTINGS: [Setting; 16] = [
+/// Every setting, in README order. Defaults are stated here and nowhere else in code;
+/// each number's accepted range is in [`Config::from_vars`] and the README.
+pub const SETTINGS: [Setting; 18] = [
     Setting { variable: "AMQP_URL", default: Some("amqp://guest:guest@127.0.0.1:5672/%2f"), help: "broker URL" },
     Setting { variable: "TASK_QUEUE", default: Some("task_report"), help: "queue tasks are consumed from" },
     Setting { variable: "REPORT_QUEUE", default: Some("ready_report"), help: "queue reports go to without reply_to" },
@@ -42,6 +43,16 @@ pub const SETTINGS: [Setting; 16] = [
     Setting { variable: "PREFETCH", default: Some("64"), help: "tasks in flight per instance (1..=65535)" },
     Setting { variable: "MAX_PHONES_PER_TASK", default: Some("10000"), help: "larger tasks get an error report" },
     Setting { variable: "MAX_TASK_BYTES", default: Some("1048576"), help: "larger bodies are dead-lettered" },
+    Setting {
+        variable: "MAX_ATTEMPTS",
+        default: Some("5"),
+        help: "processing attempts before a failing task is dead-lettered",
+    },
+    Setting {
+        variable: "RETRY_DELAY_MS",
+        default: Some("1000"),
+        help: "wait after a failed attempt; doubles each time",
+    },
     Setting { variable: "WORKER_THREADS", default: None, help: "rayon pool size (default: number of cores)" },
     Setting { variable: "HTTP_ADDR", default: Some("127.0.0.1:9090"), help: "address of /health and /metrics" },
     Setting { variable: "SHUTDOWN_TIMEOUT_SECS", default: Some("30"), help: "drain limit on SIGTERM/SIGINT" },
@@ -55,7 +66,7 @@ pub struct ConfigError {
     pub variable: &'static str,
     /// The value as given (a URL's password redacted).
     pub value: String,
-    pub expected: &'static str,
+    pub expected: String,
 }
 
 /// A broker URL; its `Debug` and `Display` hide the password.
@@ -81,19 +92,25 @@ impl fmt::Debug for AmqpUrl {
     }
 }
 
-/// `amqp://user:secret@host/` -> `amqp://user:***@host/`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            let hidden = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
-            format!("{scheme}://{hidden}@{host}{path}")
+/// `amqp://user:secret@host/` -> `amqp://user:***@host/`, by a URL parser, so a
+/// password holding `@`, `/` or `:` (encoded or not) never shows. Text that does not
+/// parse as a URL keeps only its scheme and what follows the last `@`.
+pub fn redact(url: &str) -> String {
+    if let Ok(mut parsed) = url::Url::parse(url) {
+        if parsed.password().is_none() {
+            return parsed.to_string();
         }
-        None => url.to_owned(),
+        if parsed.set_password(Some("***")).is_ok() {
+            return parsed.to_string();
+        }
+    }
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None if rest.contains(':') => format!("{scheme}://***"),
+            None => url.to_owned(),
+        },
+        None => "***".to_owned(),
     }
 }
 
@@ -113,6 +130,9 @@ pub struct Config {
     pub prefetch: NonZeroU16,
     pub max_phones_per_task: NonZeroUsize,
     pub max_task_bytes: NonZeroUsize,
+    pub max_attempts: NonZeroU32,
+    /// The wait after a task's first failed attempt; doubled after each further one.
+    pub retry_delay: Duration,
     pub worker_threads: NonZeroUsize,
     pub http_addr: SocketAddr,
     pub shutdown_timeout: Duration,
@@ -128,23 +148,26 @@ impl Config {
         };
         Ok(Config {
             amqp_url: get("AMQP_URL").amqp_url()?,
-            task_queue: get("TASK_QUEUE").queue()?,
-            report_queue: get("REPORT_QUEUE").queue()?,
-            dead_letter_queue: get("DEAD_LETTER_QUEUE").queue()?,
+            task_queue: get("TASK_QUEUE").queue(255 - crate::retry::QUEUE_SUFFIX_MAX_LEN)?,
+            report_queue: get("REPORT_QUEUE").queue(255)?,
+            dead_letter_queue: get("DEAD_LETTER_QUEUE").queue(255)?,
             data_path: get("DATA_PATH").path()?,
-            cache_ttl: Duration::from_secs(get("CACHE_TTL_SECS").number(0, u64::MAX / 1000)?),
+            cache_ttl: Duration::from_secs(get("CACHE_TTL_SECS").number(0, 31_536_000)?),
             snapshot_path: get("SNAPSHOT_PATH").path()?,
-            snapshot_interval: Duration::from_millis(get("SNAPSHOT_INTERVAL_MS").number(1, u64::MAX)?),
-            data_poll_interval: Duration::from_millis(get("DATA_POLL_INTERVAL_MS").number(1, u64::MAX)?),
-            prefetch: get("PREFETCH").non_zero()?,
-            max_phones_per_task: get("MAX_PHONES_PER_TASK").non_zero()?,
-            max_task_bytes: get("MAX_TASK_BYTES").non_zero()?,
+            snapshot_interval: Duration::from_millis(get("SNAPSHOT_INTERVAL_MS").number(10, 3_600_000)?),
+            data_poll_interval: Duration::from_millis(get("DATA_POLL_INTERVAL_MS").number(10, 3_600_000)?),
+            prefetch: get("PREFETCH")
+                .positive(1, u16::MAX.into(), |n| u16::try_from(n).ok().and_then(NonZeroU16::new))?,
+            max_phones_per_task: get("MAX_PHONES_PER_TASK").positive(1, 1_000_000, usize_non_zero)?,
+            max_task_bytes: get("MAX_TASK_BYTES").positive(64, 128 << 20, usize_non_zero)?,
+            max_attempts: get("MAX_ATTEMPTS").positive(1, 100, |n| u32::try_from(n).ok().and_then(NonZeroU32::new))?,
+            retry_delay: Duration::from_millis(get("RETRY_DELAY_MS").number(10, 300_000)?),
             worker_threads: match get("WORKER_THREADS").raw {
-                Some(_) => get("WORKER_THREADS").non_zero()?,
+                Some(_) => get("WORKER_THREADS").positive(1, 1024, usize_non_zero)?,
                 None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
             },
             http_addr: get("HTTP_ADDR").parse("a socket address such as 127.0.0.1:9090")?,
-            shutdown_timeout: Duration::from_secs(get("SHUTDOWN_TIMEOUT_SECS").number(0, u64::MAX / 1000)?),
+            shutdown_timeout: Duration::from_secs(get("SHUTDOWN_TIMEOUT_SECS").number(1, 3_600)?),
             log_filter: get("RUST_LOG").text()?,
         })
     }
@@ -188,27 +211,36 @@ struct Value<'a> {
     raw: Option<&'a str>,
 }
 
+fn usize_non_zero(n: u64) -> Option<NonZeroUsize> {
+    usize::try_from(n).ok().and_then(NonZeroUsize::new)
+}
+
 impl Value<'_> {
-    fn error(&self, expected: &'static str) -> ConfigError {
-        ConfigError { variable: self.variable, value: redact(self.raw.unwrap_or("")), expected }
+    fn error(&self, expected: impl Into<String>) -> ConfigError {
+        ConfigError { variable: self.variable, value: redact(self.raw.unwrap_or("")), expected: expected.into() }
     }
 
     fn text(&self) -> Result<String, ConfigError> {
         self.raw.map(str::to_owned).ok_or_else(|| self.error("a value"))
     }
 
-    fn parse<T: std::str::FromStr>(&self, expected: &'static str) -> Result<T, ConfigError> {
+    fn parse<T: std::str::FromStr>(&self, expected: &str) -> Result<T, ConfigError> {
         self.raw.and_then(|raw| raw.trim().parse().ok()).ok_or_else(|| self.error(expected))
     }
 
-    fn number(&self, min: u64, max: u64) -> Result<u64, ConfigError> {
-        let expected = if min == 0 { "a whole number" } else { "a positive whole number" };
-        self.parse::<u64>(expected)
-            .and_then(|n| if (min..=max).contains(&n) { Ok(n) } else { Err(self.error(expected)) })
+    /// [`Value::number`] as a non-zero type (`min` is at least 1).
+    fn positive<T>(&self, min: u64, max: u64, convert: impl FnOnce(u64) -> Option<T>) -> Result<T, ConfigError> {
+        let n = self.number(min, max)?;
+        convert(n).ok_or_else(|| self.error(format!("a whole number from {min} to {max}")))
     }
 
-    fn non_zero<T: std::str::FromStr>(&self) -> Result<T, ConfigError> {
-        self.parse("a positive whole number in range")
+    /// A whole number in `min..=max`; the error names the range.
+    fn number(&self, min: u64, max: u64) -> Result<u64, ConfigError> {
+        let expected = || format!("a whole number from {min} to {max}");
+        match self.raw.and_then(|raw| raw.trim().parse::<u64>().ok()) {
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(self.error(expected())),
+        }
     }
 
     fn path(&self) -> Result<PathBuf, ConfigError> {
@@ -218,11 +250,12 @@ impl Value<'_> {
         }
     }
 
-    /// AMQP short strings are at most 255 bytes.
-    fn queue(&self) -> Result<String, ConfigError> {
+    /// AMQP short strings are at most 255 bytes; the task queue leaves room for the
+    /// suffix of its retry queues.
+    fn queue(&self, max: usize) -> Result<String, ConfigError> {
         match self.raw {
-            Some(raw) if !raw.is_empty() && raw.len() <= 255 => Ok(raw.to_owned()),
-            _ => Err(self.error("a queue name of 1 to 255 bytes")),
+            Some(raw) if !raw.is_empty() && raw.len() <= max => Ok(raw.to_owned()),
+            _ => Err(self.error(format!("a queue name of 1 to {max} bytes"))),
         }
     }
 
@@ -260,6 +293,7 @@ mod tests {
         assert_eq!((c.prefetch.get(), c.max_phones_per_task.get(), c.max_task_bytes.get()), (64, 10_000, 1_048_576));
         assert_eq!(c.http_addr, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!((c.max_attempts.get(), c.retry_delay), (5, Duration::from_secs(1)));
         assert_eq!(c.worker_threads, std::thread::available_parallelism().unwrap());
     }
 
@@ -296,5 +330,57 @@ mod tests {
         assert!(!err.to_string().contains("s3cret"), "{err}");
         assert_eq!(redact("amqp://rabbit/%2f"), "amqp://rabbit/%2f");
         assert_eq!(redact("amqp://user@rabbit"), "amqp://user@rabbit");
+    }
+
+    /// Every way a password can be written, including `@`, `/` and `:` in it, encoded or
+    /// not: the password's text never appears, in the redacted URL or in a config error.
+    #[test]
+    fn passwords_with_url_delimiters_are_redacted_too() {
+        for (url, secret) in [
+            ("amqp://svc:p@ss@rabbit:5672/%2f", "p@ss"),
+            ("amqp://svc:p%40ss@rabbit:5672/%2f", "p%40ss"),
+            ("amqp://svc:pa/ss@rabbit:5672/%2f", "pa/ss"),
+            ("amqp://svc:pa%2Fss@rabbit/%2f", "pa%2Fss"),
+            ("amqp://svc:a:b:c@rabbit/%2f", "a:b:c"),
+            ("amqp://svc:s3cret@[::1]:5672/vhost", "s3cret"),
+            ("amqp://:onlypass@rabbit", "onlypass"),
+            ("not a url:hunter2@", "hunter2"),
+        ] {
+            let shown = redact(url);
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+            let shown = match config(&[("AMQP_URL", url)]) {
+                Ok(c) => format!("{} {c:?}", c.amqp_url),
+                Err(e) => e.to_string(),
+            };
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+        }
+        assert_eq!(redact("amqp://svc:p@ss@rabbit:5672/%2f"), "amqp://svc:***@rabbit:5672/%2f");
+    }
+
+    #[test]
+    fn every_number_has_a_range_and_the_error_names_it() {
+        for (variable, low, high) in [
+            ("CACHE_TTL_SECS", "-1", "31536001"),
+            ("SNAPSHOT_INTERVAL_MS", "9", "18446744073709551615"),
+            ("DATA_POLL_INTERVAL_MS", "9", "3600001"),
+            ("PREFETCH", "0", "65536"),
+            ("MAX_PHONES_PER_TASK", "0", "1000001"),
+            ("MAX_TASK_BYTES", "63", "134217729"),
+            ("MAX_ATTEMPTS", "0", "101"),
+            ("RETRY_DELAY_MS", "9", "300001"),
+            ("WORKER_THREADS", "0", "1025"),
+            ("SHUTDOWN_TIMEOUT_SECS", "0", "3601"),
+        ] {
+            for value in [low, high] {
+                let err = config(&[(variable, value)]).expect_err(value);
+                assert_eq!(err.variable, variable);
+                assert!(err.expected.starts_with("a whole number from "), "{err}");
+            }
+        }
+        let c =
+            config(&[("SNAPSHOT_INTERVAL_MS", "3600000"), ("MAX_ATTEMPTS", "1"), ("RETRY_DELAY_MS", "10")]).unwrap();
+        assert_eq!((c.snapshot_interval, c.max_attempts.get()), (Duration::from_secs(3600), 1));
+        let too_long = "q".repeat(255 - crate::retry::QUEUE_SUFFIX_MAX_LEN + 1);
+        assert_eq!(config(&[("TASK_QUEUE", too_long.as_str())]).unwrap_err().variable, "TASK_QUEUE");
     }
 }

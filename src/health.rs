@@ -1,5 +1,6 @@
-//! Readiness: the service is ready when its data is indexed and a consumer is attached
-//! to the task queue. Set by the app and the consume loop, read by `/health`.
+//! Readiness: the service is ready when its data is indexed, a consumer is attached to
+//! the task queue, and it is not stuck behind a message its AMQP client cannot decode.
+//! Set by the app and the consume loop, read by `/health`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -7,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Health {
     index_ready: AtomicBool,
     consumer_attached: AtomicBool,
+    /// A delivery could not be decoded and has not been moved out of the way yet.
+    undecodable: AtomicBool,
 }
 
 impl Health {
@@ -26,7 +29,15 @@ impl Health {
         self.consumer_attached.load(Ordering::SeqCst)
     }
 
+    pub fn set_undecodable(&self, stuck: bool) {
+        self.undecodable.store(stuck, Ordering::SeqCst);
+    }
+
+    pub fn undecodable(&self) -> bool {
+        self.undecodable.load(Ordering::SeqCst)
+    }
+
     pub fn ready(&self) -> bool {
-        self.index_ready() && self.consumer_attached()
+        self.index_ready() && self.consumer_attached() && !self.undecodable()
     }
 }

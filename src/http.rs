@@ -38,10 +38,11 @@ async fn health_status(State(shared): State<Shared>) -> impl IntoResponse {
     let health = &shared.health;
     let status = if health.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = format!(
-        r#"{{"ready":{},"index_ready":{},"consumer_attached":{}}}"#,
+        r#"{{"ready":{},"index_ready":{},"consumer_attached":{},"undecodable_message":{}}}"#,
         health.ready(),
         health.index_ready(),
-        health.consumer_attached()
+        health.consumer_attached(),
+        health.undecodable()
     );
     (status, [(header::CONTENT_TYPE, "application/json")], body)
 }

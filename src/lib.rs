@@ -10,11 +10,13 @@
 //! - [`snapshot`]: the cache's file format and write-behind thread.
 //! - [`reload`]: notices a replaced data.json, indexes it, swaps it in.
 //! - [`message`]: the wire contract (task parsing, report JSON).
+//! - [`dead_letter`], [`retry`]: the dead-letter copy and the retry policy (pure).
 //! - [`broker`]: RabbitMQ connection, topology, consume and confirmed publish.
+//! - [`poison`]: moving messages the AMQP client cannot decode to the DLQ.
 //! - [`service`]: the task pipeline, the ack decision and the consume loop.
 //! - [`app`]: wiring from a [`config::Config`] to a running service.
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: what operators see.
-//! - [`config`], [`clock`], [`shutdown`], [`cpu`]: inputs.
+//! - [`config`], [`clock`], [`shutdown`], [`cpu`], [`stack`]: inputs and process set-up.
 //! - [`datagen`]: deterministic data.json generation for tests, benches and users.
 //! - [`producer`]: the client side: send, sample tasks, load test, echo baseline.
 //!
@@ -29,15 +31,19 @@ pub mod config;
 pub mod cpu;
 pub mod data;
 pub mod datagen;
+pub mod dead_letter;
 pub mod engine;
 pub mod health;
 pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod poison;
 pub mod producer;
 pub mod reload;
+pub mod retry;
 pub mod service;
 pub mod shutdown;
 pub mod snapshot;
+pub mod stack;
 pub mod stats;
 pub mod telemetry;

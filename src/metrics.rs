@@ -32,7 +32,12 @@ pub mod outcome {
     pub const ANSWERED: &str = "answered";
     pub const ERROR_REPORT: &str = "error_report";
     pub const DEAD_LETTERED: &str = "dead_lettered";
+    /// The session failed under the task; it was requeued.
     pub const REQUEUED: &str = "requeued";
+    /// Processing failed; the task was parked in a retry queue.
+    pub const RETRIED: &str = "retried";
+    /// Processing failed on every attempt; the task was dead-lettered.
+    pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
     /// The channel died before the task could be acked; the broker redelivers it.
     pub const ABANDONED: &str = "abandoned";
 }
@@ -63,6 +68,9 @@ pub struct Metrics {
     pub snapshot_writes: Counter,
     pub snapshot_failures: Counter,
     pub reconnects: Counter,
+    pub reply_to_refused: Counter,
+    pub undecodable: Counter,
+    pub consumer_stuck: Gauge,
     pub data_reloads: Counter,
     pub data_reload_failures: Counter,
     pub data_bytes: Gauge,
@@ -91,6 +99,9 @@ impl Metrics {
             snapshot_writes: Counter::default(),
             snapshot_failures: Counter::default(),
             reconnects: Counter::default(),
+            reply_to_refused: Counter::default(),
+            undecodable: Counter::default(),
+            consumer_stuck: Gauge::default(),
             data_reloads: Counter::default(),
             data_reload_failures: Counter::default(),
             data_bytes: Gauge::default(),
@@ -127,6 +138,21 @@ impl Metrics {
             "broker_reconnects",
             "Reconnections to the broker after a lost connection",
             metrics.reconnects.clone(),
+        );
+        registry.register(
+            "reply_to_refused",
+            "Tasks whose reply_to named one of the service's own queues (answered to the report queue)",
+            metrics.reply_to_refused.clone(),
+        );
+        registry.register(
+            "undecodable_deliveries",
+            "Connections lost to a message the AMQP client cannot decode",
+            metrics.undecodable.clone(),
+        );
+        registry.register(
+            "consumer_stuck",
+            "1 while an undecodable message blocks the task queue, else 0",
+            metrics.consumer_stuck.clone(),
         );
         registry.register(
             "data_reloads",
@@ -191,6 +217,9 @@ mod tests {
             "report_service_snapshot_writes_total",
             "report_service_snapshot_failures_total",
             "report_service_broker_reconnects_total",
+            "report_service_reply_to_refused_total",
+            "report_service_undecodable_deliveries_total",
+            "report_service_consumer_stuck",
             "report_service_data_reloads_total",
             "report_service_data_reload_failures_total",
             "report_service_data_records",

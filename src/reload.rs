@@ -64,7 +64,13 @@ pub async fn watch_data(
         info!(path = %path.display(), bytes = seen.len, "data.json changed; indexing the new file in the background");
         let started = Instant::now();
         let (open_path, pool) = (path.clone(), Arc::clone(engine.pool()));
-        match engine.run_blocking(move || Dataset::open(&open_path, &pool)).await {
+        // Shutdown does not wait for an index build: the pool job is left to finish (or
+        // die with the process) and its result is dropped.
+        let built = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            built = engine.run_blocking(move || Dataset::open(&open_path, &pool)) => built,
+        };
+        match built {
             Ok(Ok(dataset)) => {
                 let summary = dataset.index().summary();
                 let epoch = engine.replace(dataset);

@@ -89,6 +89,7 @@ struct Worker {
 
 impl Worker {
     fn start(names: &Names, data: &std::path::Path, dir: &std::path::Path, extra: &[(&str, &str)]) -> Worker {
+        names.expect_service(extra);
         let mut command = Command::new(env!("CARGO_BIN_EXE_report-service"));
         command
             .envs(names.vars())

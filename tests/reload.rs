@@ -117,7 +117,7 @@ async fn tasks_in_flight_during_swaps_get_internally_consistent_reports() {
         &names,
         &data,
         dir.path(),
-        &[("DATA_POLL_INTERVAL_MS", "5"), ("PREFETCH", "4"), ("CACHE_TTL_SECS", "0")],
+        &[("DATA_POLL_INTERVAL_MS", "10"), ("PREFETCH", "4"), ("CACHE_TTL_SECS", "0")],
         Arc::new(SystemClock),
     )
     .await;
@@ -184,6 +184,6 @@ async fn a_file_rewritten_in_place_is_never_read_through_the_old_index() {
     assert!(reloads.borrow_and_update().swapped >= 1);
     let metrics = Arc::clone(service.metrics());
     service.stop().await.unwrap();
-    let requeued = metrics.tasks_with(report_service::metrics::outcome::REQUEUED);
-    assert!(requeued >= 1, "the stale attempt was requeued");
+    let retried = metrics.tasks_with(report_service::metrics::outcome::RETRIED);
+    assert!(retried >= 1, "the stale attempt was retried later");
 }

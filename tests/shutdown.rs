@@ -43,6 +43,7 @@ async fn sigterm_with_tasks_in_flight_loses_nothing_and_exits_zero() {
     let mut reports = client.consume(&names.reports).await;
 
     let snapshot = dir.path().join("cache.snapshot");
+    names.expect_service(&[]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_report-service"))
         .envs(names.vars())
         .env("DATA_PATH", &data)

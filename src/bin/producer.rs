@@ -75,11 +75,16 @@ const SHARED: [&str; 3] = ["AMQP_URL", "TASK_QUEUE", "REPORT_QUEUE"];
 
 fn main() -> Result<()> {
     report_service::cpu::ensure_supported()?;
+    report_service::stack::ensure_deep_stacks();
     let flags = config::flags(|s| SHARED.contains(&s.variable));
     let matches = Cli::command().args(flags).get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
     let config = Config::from_env_and_flags(&matches)?;
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli.command, config))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(report_service::stack::THREAD_STACK_BYTES)
+        .build()?
+        .block_on(run(cli.command, config))
 }
 
 async fn run(command: Command, config: Config) -> Result<()> {

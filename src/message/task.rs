@@ -1,5 +1,10 @@
 //! Task messages: classifying a body as a task to answer (perhaps with invalid phones,
 //! which earns an error report) or a message to dead-letter.
+//!
+//! Everything here is bounded by the body's size and by [`MAX_TASK_DEPTH`]: nesting is
+//! checked by an iterative scan before any recursive parse (sonic-rs's DOM parse recurses
+//! once per level, so a 200 KB body of `[` would overflow any thread's stack), and every
+//! rendering of a client's value in an error message is cut short.
 
 use serde::Serialize;
 use sonic_rs::{JsonContainerTrait, JsonValueTrait, RawNumber, Value};
@@ -48,11 +53,21 @@ pub struct Limits {
     pub max_phones: usize,
 }
 
+/// The deepest nesting of arrays and objects a task body may have. A task is an object
+/// holding an array (depth 2); the margin leaves room for clients' own metadata fields,
+/// and is far below what any parser's recursion could choke on.
+pub const MAX_TASK_DEPTH: usize = 16;
+
+/// The most bytes of a client's text quoted in an error message or dead-letter header.
+pub const MAX_DETAIL_BYTES: usize = 256;
+
 /// Why a message cannot be answered at all (it goes to the dead-letter queue).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
     #[error("body is {size} bytes, over the {limit}-byte limit")]
     TooLarge { size: usize, limit: usize },
+    #[error("body nests arrays or objects deeper than {limit} levels")]
+    TooDeep { limit: usize },
     #[error("body is not JSON: {detail}")]
     NotJson { detail: String },
     #[error("no usable correlation id (an integer or a string of 1 to 255 bytes) in the body or the AMQP properties")]
@@ -64,6 +79,7 @@ impl Rejection {
     pub fn code(&self) -> &'static str {
         match self {
             Rejection::TooLarge { .. } => "too_large",
+            Rejection::TooDeep { .. } => "too_deep",
             Rejection::NotJson { .. } => "not_json",
             Rejection::NoCorrelationId => "no_correlation_id",
         }
@@ -108,11 +124,61 @@ pub fn parse_task(body: &[u8], property_id: Option<&str>, limits: Limits) -> Res
     if body.len() > limits.max_task_bytes {
         return Err(Rejection::TooLarge { size: body.len(), limit: limits.max_task_bytes });
     }
-    let doc: Value = sonic_rs::from_slice(body).map_err(|e| Rejection::NotJson { detail: e.to_string() })?;
+    if nesting_exceeds(body, MAX_TASK_DEPTH) {
+        return Err(Rejection::TooDeep { limit: MAX_TASK_DEPTH });
+    }
+    let doc: Value = sonic_rs::from_slice(body).map_err(|e| Rejection::NotJson { detail: bounded(e.to_string()) })?;
     let correlation_id = body_correlation_id(body, &doc)
-        .or_else(|| property_id.filter(|id| !id.is_empty()).map(|id| CorrelationId::Text(id.to_owned())))
+        .or_else(|| {
+            property_id
+                .filter(|id| !id.is_empty() && id.len() <= MAX_CORRELATION_ID_BYTES)
+                .map(|id| CorrelationId::Text(id.to_owned()))
+        })
         .ok_or(Rejection::NoCorrelationId)?;
-    Ok(Task { correlation_id, phones: phones_of(&doc, limits.max_phones) })
+    Ok(Task { correlation_id, phones: phones_of(body, &doc, limits.max_phones) })
+}
+
+/// Whether arrays and objects in `body` nest deeper than `limit`. One pass, no
+/// recursion; brackets inside strings (escapes included) do not count. It does not
+/// validate: the parser that runs next rejects what is not JSON.
+pub fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut bytes = body.iter();
+    while let Some(&b) = bytes.next() {
+        if in_string {
+            match b {
+                b'\\' => {
+                    bytes.next();
+                }
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// `text` cut to at most [`MAX_DETAIL_BYTES`] (at a character boundary), marked when cut.
+pub fn bounded(mut text: String) -> String {
+    if text.len() > MAX_DETAIL_BYTES {
+        let cut = (0..=MAX_DETAIL_BYTES - 3).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
 }
 
 /// An id longer than this cannot be carried in the AMQP `correlation_id` property (a
@@ -133,7 +199,7 @@ fn body_correlation_id(body: &[u8], doc: &Value) -> Option<CorrelationId> {
     (id.as_property().len() <= MAX_CORRELATION_ID_BYTES).then_some(id)
 }
 
-fn phones_of(doc: &Value, max_phones: usize) -> Result<Vec<u64>, InvalidPhones> {
+fn phones_of(body: &[u8], doc: &Value, max_phones: usize) -> Result<Vec<u64>, InvalidPhones> {
     let value = doc.as_object().and_then(|o| o.get(&"phones")).ok_or(InvalidPhones::Missing)?;
     let entries = value.as_array().ok_or(InvalidPhones::NotArray)?;
     if entries.len() > max_phones {
@@ -142,7 +208,9 @@ fn phones_of(doc: &Value, max_phones: usize) -> Result<Vec<u64>, InvalidPhones> 
     let phones = entries
         .iter()
         .enumerate()
-        .map(|(index, entry)| entry.as_u64().ok_or_else(|| InvalidPhones::BadEntry { index, value: excerpt(entry) }))
+        .map(|(index, entry)| {
+            entry.as_u64().ok_or_else(|| InvalidPhones::BadEntry { index, value: excerpt(body, index) })
+        })
         .collect::<Result<Vec<u64>, _>>()?;
     Ok(dedup_phones(phones))
 }
@@ -153,15 +221,21 @@ pub fn dedup_phones(phones: impl IntoIterator<Item = u64>) -> Vec<u64> {
     phones.into_iter().filter(|phone| seen.insert(*phone)).collect()
 }
 
-/// A short JSON rendering of a bad value for an error message.
-fn excerpt(value: &Value) -> String {
-    let mut text = sonic_rs::to_string(value).unwrap_or_else(|_| "a value".to_owned());
-    if text.len() > 64 {
-        let cut = (0..=61).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
-        text.truncate(cut);
-        text.push_str("...");
+/// The most bytes of a bad phone entry quoted in an error report.
+const MAX_EXCERPT_BYTES: usize = 64;
+
+/// The text of `phones[index]` as the client wrote it, cut short: read from the body,
+/// never re-serialised, so a huge entry costs no more than a small one.
+fn excerpt(body: &[u8], index: usize) -> String {
+    let Ok(raw) = sonic_rs::get_from_slice(body, &sonic_rs::pointer!["phones", index]) else {
+        return "a value".to_owned();
+    };
+    let text = raw.as_raw_str();
+    if text.len() <= MAX_EXCERPT_BYTES {
+        return text.to_owned();
     }
-    text
+    let cut = (0..=MAX_EXCERPT_BYTES - 3).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    format!("{}...", &text[..cut])
 }
 
 #[cfg(test)]
@@ -226,6 +300,56 @@ mod tests {
         assert_eq!(code(r#"{"correlation_id": 1, "phones": [1,2,3,4,5,6,7,8,9]}"#), "too_many_phones");
         let message = task(r#"{"correlation_id": 1, "phones": [1, "x"]}"#).unwrap().phones.unwrap_err().to_string();
         assert!(message.starts_with(r#"phones[1] is "x";"#), "{message}");
+    }
+
+    #[test]
+    fn nesting_is_measured_outside_strings_only() {
+        assert!(!nesting_exceeds(br#"{"correlation_id": 1, "phones": [1]}"#, 2));
+        assert!(nesting_exceeds(br#"{"phones": [[1]]}"#, 2));
+        assert!(!nesting_exceeds(br#"{"s": "[[[[{{{{", "t": "\"[[[["}"#, 1));
+        assert!(nesting_exceeds(br#"{"s": "\\", "t": [[1]]}"#, 2), "an escaped backslash ends no string");
+        assert!(!nesting_exceeds(b"]]]]}}}}[", 1), "stray closers never go below zero");
+    }
+
+    #[test]
+    fn bodies_nested_too_deep_are_rejected_before_any_recursive_parse() {
+        let limits = Limits { max_task_bytes: 4 << 20, max_phones: 8 };
+        let deep_object = format!("{}1{}", r#"{"a":"#.repeat(100_000), "}".repeat(100_000));
+        let deep_phones = format!(r#"{{"correlation_id": 1, "phones": [1, {}2{}]}}"#, "[".repeat(50), "]".repeat(50));
+        for body in ["[".repeat(200_000), deep_object, deep_phones] {
+            assert_eq!(parse_task(body.as_bytes(), None, limits), Err(Rejection::TooDeep { limit: MAX_TASK_DEPTH }));
+        }
+        let at_limit = format!(r#"{{"correlation_id": 1, "phones": [1], "x": {}0{}}}"#, "[".repeat(14), "]".repeat(14));
+        assert!(parse_task(at_limit.as_bytes(), None, limits).is_ok());
+    }
+
+    /// The whole classification of a 1 MiB body of `[` fits in a thread with a 2 MiB
+    /// stack, the size of tokio's and rayon's worker threads.
+    #[test]
+    fn a_mebibyte_of_open_brackets_parses_on_a_two_mebibyte_stack() {
+        let body = vec![b'['; 1 << 20];
+        let limits = Limits { max_task_bytes: 1 << 20, max_phones: 8 };
+        let outcome = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || parse_task(&body, Some("id"), limits))
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        assert_eq!(outcome.unwrap_err().code(), "too_deep");
+    }
+
+    #[test]
+    fn rendered_values_are_bounded() {
+        let limits = Limits { max_task_bytes: 1 << 20, max_phones: 8 };
+        let body = format!(r#"{{"correlation_id": 1, "phones": ["{}"]}}"#, "é".repeat(100_000));
+        let message = parse_task(body.as_bytes(), None, limits).unwrap().phones.unwrap_err().to_string();
+        assert!(message.len() < 200, "{} bytes", message.len());
+        assert!(message.starts_with("phones[0] is \"éé") && message.contains("...;"), "{message}");
+        let garbage = format!("{{{}", "x".repeat(100_000));
+        let Err(Rejection::NotJson { detail }) = parse_task(garbage.as_bytes(), None, limits) else { panic!() };
+        assert!(detail.len() <= MAX_DETAIL_BYTES, "{} bytes", detail.len());
+        let long_property = "p".repeat(300);
+        assert_eq!(parse_task(br#"{"phones": []}"#, Some(&long_property), limits), Err(Rejection::NoCorrelationId));
     }
 
     use proptest::prelude::*;

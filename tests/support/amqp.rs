@@ -26,6 +26,8 @@ pub struct Names {
     pub tasks: String,
     pub reports: String,
     pub dlq: String,
+    /// Queues the service declares besides these (its retry queues), deleted with them.
+    extra: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Names {
@@ -37,6 +39,21 @@ impl Names {
             tasks: format!("test.{test}.{id}.tasks"),
             reports: format!("test.{test}.{id}.reports"),
             dlq: format!("test.{test}.{id}.dlq"),
+            extra: Arc::default(),
+        }
+    }
+
+    /// Registers the retry queues a service with `settings` declares, for deletion.
+    pub fn expect_service(&self, settings: &[(&str, &str)]) {
+        let mut vars: HashMap<String, String> = self.vars().into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        vars.extend(settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let config = report_service::config::Config::from_vars(&vars).expect("test config");
+        let topology = report_service::broker::Topology::from_config(&config, "test");
+        let mut extra = self.extra.lock().expect("cleanup list");
+        for (queue, _) in topology.retry_queues {
+            if !extra.contains(&queue) {
+                extra.push(queue);
+            }
         }
     }
 
@@ -51,13 +68,15 @@ impl Names {
     }
 }
 
-/// Deletes the named queues when dropped, on a thread of its own (works while
-/// unwinding from a failed assertion, outside any runtime).
-pub struct Cleanup(pub Vec<String>);
+/// Deletes the named queues (and those registered with [`Names::expect_service`]) when
+/// dropped, on a thread of its own (works while unwinding from a failed assertion,
+/// outside any runtime).
+pub struct Cleanup(pub Vec<String>, pub Arc<std::sync::Mutex<Vec<String>>>);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let queues = std::mem::take(&mut self.0);
+        let mut queues = std::mem::take(&mut self.0);
+        queues.extend(self.1.lock().map(|extra| extra.clone()).unwrap_or_default());
         let _ = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
             runtime.block_on(async {
@@ -96,7 +115,8 @@ impl Client {
         for queue in [&names.tasks, &names.reports, &names.dlq] {
             channel.queue_declare(queue.as_str().into(), durable, FieldTable::default()).await.expect("declare");
         }
-        let cleanup = Cleanup(vec![names.tasks.clone(), names.reports.clone(), names.dlq.clone()]);
+        let cleanup =
+            Cleanup(vec![names.tasks.clone(), names.reports.clone(), names.dlq.clone()], Arc::clone(&names.extra));
         Client { connection, channel, names: names.clone(), _cleanup: cleanup }
     }
 

@@ -183,5 +183,7 @@ pub async fn start_service(
         vars.insert((*k).to_owned(), (*v).to_owned());
     }
     let config = report_service::config::Config::from_vars(&vars).expect("test config");
+    let settings: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    names.expect_service(&settings);
     report_service::app::start(config, clock).await.expect("service starts")
 }
