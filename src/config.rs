@@ -265,6 +265,11 @@ impl Value<'_> {
             return Err(self.error("an amqp:// URL (this build has no TLS support)"));
         }
         match raw.parse::<lapin::uri::AMQPUri>() {
+            // The threads' stacks are sized for headers of at most one 128 KiB frame
+            // (see `stack`); a larger or unlimited (0) frame_max would undo that.
+            Ok(uri) if uri.query.frame_max.is_some_and(|f| f == 0 || f > crate::broker::FRAME_MAX) => {
+                Err(self.error("a frame_max of at most 131072 (the default) in the URL"))
+            }
             Ok(_) if raw.starts_with("amqp://") => Ok(AmqpUrl(raw.to_owned())),
             _ => Err(self.error("an amqp:// URL such as amqp://user:password@host:5672/%2f")),
         }
@@ -309,6 +314,8 @@ mod tests {
             ("TASK_QUEUE", ""),
             ("AMQP_URL", "http://example.com"),
             ("AMQP_URL", "amqps://u:p@host"),
+            ("AMQP_URL", "amqp://u:p@host/%2f?frame_max=262144"),
+            ("AMQP_URL", "amqp://u:p@host/%2f?frame_max=0"),
         ] {
             let err = config(&[(variable, value)]).expect_err(value);
             assert_eq!(err.variable, variable);

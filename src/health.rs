@@ -1,43 +1,101 @@
 //! Readiness: the service is ready when its data is indexed, a consumer is attached to
 //! the task queue, and it is not stuck behind a message its AMQP client cannot decode.
-//! Set by the app and the consume loop, read by `/health`.
+//! Set by the app and the consume loop, read by `/health`; every change is published on
+//! a watch channel, so whoever waits for a state (a test, a supervisor) need not poll.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::watch;
 
-#[derive(Debug, Default)]
-pub struct Health {
-    index_ready: AtomicBool,
-    consumer_attached: AtomicBool,
+/// The readiness inputs at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HealthState {
+    pub index_ready: bool,
+    pub consumer_attached: bool,
     /// A delivery could not be decoded and has not been moved out of the way yet.
-    undecodable: AtomicBool,
+    pub undecodable: bool,
+    /// Consumer attachments so far (1 after the first connection, +1 per reconnect).
+    pub sessions: u64,
+}
+
+impl HealthState {
+    pub fn ready(&self) -> bool {
+        self.index_ready && self.consumer_attached && !self.undecodable
+    }
+}
+
+#[derive(Debug)]
+pub struct Health {
+    state: watch::Sender<HealthState>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health { state: watch::Sender::new(HealthState::default()) }
+    }
 }
 
 impl Health {
     pub fn set_index_ready(&self, ready: bool) {
-        self.index_ready.store(ready, Ordering::SeqCst);
+        self.state.send_if_modified(|s| std::mem::replace(&mut s.index_ready, ready) != ready);
     }
 
     pub fn set_consumer_attached(&self, attached: bool) {
-        self.consumer_attached.store(attached, Ordering::SeqCst);
-    }
-
-    pub fn index_ready(&self) -> bool {
-        self.index_ready.load(Ordering::SeqCst)
-    }
-
-    pub fn consumer_attached(&self) -> bool {
-        self.consumer_attached.load(Ordering::SeqCst)
+        self.state.send_modify(|s| {
+            if attached && !s.consumer_attached {
+                s.sessions += 1;
+            }
+            s.consumer_attached = attached;
+        });
     }
 
     pub fn set_undecodable(&self, stuck: bool) {
-        self.undecodable.store(stuck, Ordering::SeqCst);
+        self.state.send_if_modified(|s| std::mem::replace(&mut s.undecodable, stuck) != stuck);
+    }
+
+    pub fn state(&self) -> HealthState {
+        *self.state.borrow()
+    }
+
+    /// Every change from now on.
+    pub fn watch(&self) -> watch::Receiver<HealthState> {
+        self.state.subscribe()
+    }
+
+    pub fn index_ready(&self) -> bool {
+        self.state().index_ready
+    }
+
+    pub fn consumer_attached(&self) -> bool {
+        self.state().consumer_attached
     }
 
     pub fn undecodable(&self) -> bool {
-        self.undecodable.load(Ordering::SeqCst)
+        self.state().undecodable
     }
 
     pub fn ready(&self) -> bool {
-        self.index_ready() && self.consumer_attached() && !self.undecodable()
+        self.state().ready()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_needs_data_a_consumer_and_no_undecodable_message() {
+        let health = Health::default();
+        let mut changes = health.watch();
+        health.set_index_ready(true);
+        assert!(!health.ready());
+        health.set_consumer_attached(true);
+        assert!(health.ready());
+        health.set_undecodable(true);
+        assert!(!health.ready());
+        health.set_undecodable(false);
+        health.set_consumer_attached(false);
+        health.set_consumer_attached(true);
+        assert_eq!(health.state().sessions, 2);
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(*changes.borrow_and_update(), health.state());
     }
 }

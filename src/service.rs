@@ -163,7 +163,7 @@ impl Pipeline {
         let received = Received { at: SystemTime::now(), started: Instant::now() };
         let result = match AssertUnwindSafe(self.process(&delivery, publisher, received)).catch_unwind().await {
             Ok(result) => result,
-            Err(panic) => Err(Failure::Panicked(panic_message(&panic))),
+            Err(panic) => Err(Failure::Panicked(panic_message(&*panic))),
         };
         let tag = delivery.delivery_tag;
         let applied = match disposition(&result) {

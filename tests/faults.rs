@@ -9,13 +9,13 @@ mod support;
 use report_service::clock::SystemClock;
 use report_service::metrics::source;
 use serde_json::json;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use support::amqp::{
     self, Client, Names, Seen, WAIT, collect, collect_into, data_file, expected_data, next, next_json, rabbitmqctl,
 };
 use support::start_service;
+use support::worker::{READY, Worker};
 
 /// Serialises the tests of this binary.
 static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -28,12 +28,16 @@ fn phones(i: u64) -> Vec<u64> {
     vec![i % 50, (i * 7 + 3) % 50, (i * 13 + 5) % 50]
 }
 
-/// Checks every report against the reference; returns (distinct answered, duplicates).
-fn verify(seen: &Seen, records: &[support::RefRecord]) -> (usize, usize) {
-    for (report, _) in seen.values() {
+/// A check of one report (every copy of it) against the reference.
+fn matches_reference(records: &[support::RefRecord]) -> impl Fn(&serde_json::Value) + '_ {
+    move |report| {
         let i = report["correlation_id"].as_u64().expect("integer id");
         assert_eq!(report["data"], expected_data(records, &phones(i)), "task {i}");
     }
+}
+
+/// (distinct answered, duplicates); every copy was checked as it arrived.
+fn counts(seen: &Seen) -> (usize, usize) {
     (seen.len(), seen.values().map(|(_, n)| n - 1).sum())
 }
 
@@ -67,7 +71,7 @@ async fn finish(
     scenario: &Scenario,
     service: report_service::app::Running,
 ) -> Arc<report_service::metrics::Metrics> {
-    let (answered, duplicates) = verify(seen, &scenario.records);
+    let (answered, duplicates) = counts(seen);
     let metrics = Arc::clone(service.metrics());
     service.stop().await.unwrap();
     eprintln!(
@@ -81,70 +85,6 @@ async fn finish(
     metrics
 }
 
-/// A report-service child process; its stdout lines arrive on `lines`.
-struct Worker {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Worker {
-    fn start(names: &Names, data: &std::path::Path, dir: &std::path::Path, extra: &[(&str, &str)]) -> Worker {
-        names.expect_service(extra);
-        let mut command = Command::new(env!("CARGO_BIN_EXE_report-service"));
-        command
-            .envs(names.vars())
-            .env("DATA_PATH", data)
-            .env("SNAPSHOT_PATH", dir.join("cache.snapshot"))
-            .env("HTTP_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in extra {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("start report-service");
-        let (sender, lines) = std::sync::mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = sender.send(line);
-            }
-        });
-        Worker { child, lines }
-    }
-
-    /// Waits (bounded) for a stdout line containing `needle`.
-    fn wait_for(&self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no log line with {needle:?}"));
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-
-    /// Resident memory in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-const READY: &str = r#""event":"Consumer connected and ready to consume messages.""#;
-
 #[tokio::test]
 async fn connections_force_closed_with_two_thousand_tasks_in_flight_lose_nothing() {
     let _serial = BROKER.lock().await;
@@ -156,13 +96,13 @@ async fn connections_force_closed_with_two_thousand_tasks_in_flight_lose_nothing
     for close in 0..2 {
         // Let some reports through, then cut the service's connection.
         let so_far = seen.len();
-        collect_into(&mut reports, &mut seen, so_far + 200 + close * 400).await;
+        collect_into(&mut reports, &mut seen, so_far + 200 + close * 400, matches_reference(&run.records)).await;
         let queue = run.names.tasks.clone();
         let closed =
             tokio::task::spawn_blocking(move || amqp::close_connection_named(&format!("queue {queue}"))).await.unwrap();
         assert_eq!(closed, 1);
     }
-    collect_into(&mut reports, &mut seen, run.tasks as usize).await;
+    collect_into(&mut reports, &mut seen, run.tasks as usize, matches_reference(&run.records)).await;
     let metrics = finish("force-close x2", &seen, &run, service).await;
     assert!(metrics.reconnects.get() >= 2);
 }
@@ -179,7 +119,7 @@ async fn a_broker_application_restart_mid_load_loses_nothing() {
     let vars = [("PREFETCH", "16"), ("CACHE_TTL_SECS", "0")];
     let service = start_service(&run.names, &run.data, run.dir.path(), &vars, Arc::new(SystemClock)).await;
     let mut seen = Seen::new();
-    collect_into(&mut reports, &mut seen, 300).await;
+    collect_into(&mut reports, &mut seen, 300, matches_reference(&run.records)).await;
     let restarted = tokio::task::spawn_blocking(|| {
         let stopped = rabbitmqctl(&["-q", "stop_app"]);
         let started = rabbitmqctl(&["-q", "start_app"]);
@@ -191,7 +131,7 @@ async fn a_broker_application_restart_mid_load_loses_nothing() {
     assert!(restarted, "rabbitmqctl stop_app / start_app");
     let client = Client::new(&run.names).await;
     let mut reports = client.consume(&run.names.reports).await;
-    collect_into(&mut reports, &mut seen, run.tasks as usize).await;
+    collect_into(&mut reports, &mut seen, run.tasks as usize, matches_reference(&run.records)).await;
     let metrics = finish("stop_app/start_app", &seen, &run, service).await;
     assert!(metrics.reconnects.get() >= 1);
 }
@@ -208,14 +148,14 @@ async fn sigkill_mid_load_then_restart_answers_everything_from_a_consistent_cach
     let mut worker = Worker::start(&run.names, &run.data, run.dir.path(), &vars);
     worker.wait_for(READY);
     let mut seen = Seen::new();
-    collect_into(&mut reports, &mut seen, 300).await;
+    collect_into(&mut reports, &mut seen, 300, matches_reference(&run.records)).await;
     worker.child.kill().expect("SIGKILL");
     worker.child.wait().expect("reaped");
     assert!(run.dir.path().join("cache.snapshot").exists(), "a snapshot was written before the kill");
 
     let service =
         start_service(&run.names, &run.data, run.dir.path(), &[("PREFETCH", "8")], Arc::new(SystemClock)).await;
-    collect_into(&mut reports, &mut seen, run.tasks as usize).await;
+    collect_into(&mut reports, &mut seen, run.tasks as usize, matches_reference(&run.records)).await;
     let metrics = finish("SIGKILL + restart", &seen, &run, service).await;
     assert_eq!(metrics.phones_with(source::COMPUTED), 0, "all 50 phones came back from the snapshot");
 }
@@ -315,13 +255,13 @@ async fn a_flood_of_malformed_messages_is_dead_lettered_while_valid_tasks_are_an
     let client = Client::new(&names).await;
     let mut reports = client.consume(&names.reports).await;
     let mut dead = client.consume(&names.dlq).await;
-    let worker = Worker::start(&names, &data, dir.path(), &[("MAX_TASK_BYTES", "65536")]);
+    let mut worker = Worker::start(&names, &data, dir.path(), &[("MAX_TASK_BYTES", "65536")]);
     worker.wait_for(READY);
     // Warm up the allocator and cache so growth, not first use, is measured.
     for i in 0..200u64 {
         client.send(&task(1_000_000 + i, &phones(i))).await;
     }
-    collect(&mut reports, 200).await;
+    collect(&mut reports, 200, matches_reference(&records)).await;
     let rss_before = worker.rss_kib();
     let bad: [&[u8]; 5] = [b"not json", b"", b"[1,2,3]", br#"{"phones":[1]}"#, b"{\"correlation_id\":\"\xff\"}"];
     let huge = vec![b'x'; 70_000];
@@ -336,8 +276,8 @@ async fn a_flood_of_malformed_messages_is_dead_lettered_while_valid_tasks_are_an
             malformed += 1;
         }
     }
-    let seen = collect(&mut reports, valid as usize).await;
-    let (answered, duplicates) = verify(&seen, &records);
+    let seen = collect(&mut reports, valid as usize, matches_reference(&records)).await;
+    let (answered, duplicates) = counts(&seen);
     for _ in 0..malformed {
         next(&mut dead).await;
     }

@@ -137,17 +137,18 @@ async fn tasks_in_flight_during_swaps_get_internally_consistent_reports() {
             swaps
         }
     });
-    let seen = collect(&mut reports, tasks as usize).await;
-    done.cancel();
-    let swaps = swapper.await.unwrap();
-    let mut from = [0, 0];
-    for (report, _) in seen.values() {
+    let from = std::cell::RefCell::new([0, 0]);
+    collect(&mut reports, tasks as usize, |report| {
         let phones = avg_and_count(report);
         let first = phones[0];
         assert!(first == (10.0, 2_000) || first == (20.0, 3_000), "{first:?}");
         assert!(phones.iter().all(|p| *p == first), "a report mixing files: {phones:?}");
-        from[usize::from(first.0 == 20.0)] += 1;
-    }
+        from.borrow_mut()[usize::from(first.0 == 20.0)] += 1;
+    })
+    .await;
+    done.cancel();
+    let swaps = swapper.await.unwrap();
+    let from = from.into_inner();
     eprintln!("{swaps} swaps; reports from the first file: {}, from the second: {}", from[0], from[1]);
     assert!(from[0] > 0 && from[1] > 0, "swaps happened while tasks were in flight");
     service.stop().await.unwrap();

@@ -72,10 +72,11 @@ async fn random_tasks_get_reports_equal_to_the_reference() {
         client.send(&task(json!(id), &phones)).await;
         tasks.insert(id, phones);
     }
-    for (report, _) in collect(&mut reports, tasks.len()).await.values() {
+    collect(&mut reports, tasks.len(), |report| {
         let id = report["correlation_id"].as_u64().unwrap();
         assert_eq!(report["data"], expected_data(&records, &tasks[&id]), "task {id}: {:?}", tasks[&id]);
-    }
+    })
+    .await;
     service.stop().await.unwrap();
 }
 
@@ -206,11 +207,13 @@ async fn two_hundred_tasks_at_once_are_answered_and_a_shared_phone_is_computed_o
     }
     let mut reports = client.consume(&names.reports).await;
     let service = start_service(&names, &data, dir.path(), &[("PREFETCH", "200")], Arc::new(SystemClock)).await;
-    let seen = collect(&mut reports, 200).await;
-    for (id, (report, count)) in &seen {
-        assert_eq!(*count, 1, "task {id} answered once");
+    let seen = collect(&mut reports, 200, |report| {
         let i = report["correlation_id"].as_u64().unwrap();
         assert_eq!(report["data"], expected_data(&records, &[7, 8, 10 + i]));
+    })
+    .await;
+    for (id, (_, count)) in &seen {
+        assert_eq!(*count, 1, "task {id} answered once");
     }
     let metrics = service.metrics();
     assert_eq!(metrics.phones_with(source::COMPUTED), 2 + 200, "7 and 8 once each, plus one distinct phone per task");
@@ -351,13 +354,13 @@ async fn a_connection_closed_by_the_broker_mid_load_loses_no_task() {
     .await
     .unwrap();
     assert_eq!(closed, 1, "exactly the service's connection");
-    let mut seen = collect(&mut reports, tasks as usize - 1).await;
-    amqp::note(&mut seen, first);
-    assert_eq!(seen.len(), tasks as usize, "every task answered");
-    for (report, _) in seen.values() {
+    let check = |report: &serde_json::Value| {
         let i = report["correlation_id"].as_u64().unwrap();
         assert_eq!(report["data"], expected_data(&records, &phones(i)));
-    }
+    };
+    let mut seen = amqp::Seen::new();
+    amqp::note(&mut seen, first, check);
+    amqp::collect_into(&mut reports, &mut seen, tasks as usize, check).await;
     let metrics = Arc::clone(service.metrics());
     assert!(service.health().ready(), "attached again");
     service.stop().await.unwrap();

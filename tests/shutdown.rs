@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
-use support::amqp::{Client, Names, collect, data_file, expected_data, next_json};
+use support::amqp::{Client, Names, data_file, expected_data, next_json};
 use support::start_service;
 
 /// Waits (bounded) for a line containing `needle` on the child's stdout; returns all
@@ -77,13 +77,14 @@ async fn sigterm_with_tasks_in_flight_loses_nothing_and_exits_zero() {
 
     // Whatever the first instance did not answer is redelivered to a second one.
     let second = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
-    let mut seen = collect(&mut reports, tasks as usize - 1).await;
-    support::amqp::note(&mut seen, first);
-    assert_eq!(seen.len(), tasks as usize, "no task lost");
-    for (report, _) in seen.values() {
+    let check = |report: &serde_json::Value| {
         let i = report["correlation_id"].as_u64().unwrap();
         assert_eq!(report["data"], expected_data(&records, &phones(i)), "task {i}");
-    }
+    };
+    let mut seen = support::amqp::Seen::new();
+    support::amqp::note(&mut seen, first, check);
+    support::amqp::collect_into(&mut reports, &mut seen, tasks as usize, check).await;
+    assert_eq!(seen.len(), tasks as usize, "no task lost");
     let metrics = Arc::clone(second.metrics());
     second.stop().await.unwrap();
     let answered_by_second = metrics.tasks_with(report_service::metrics::outcome::ANSWERED);

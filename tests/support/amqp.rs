@@ -177,26 +177,31 @@ pub async fn next_json(consumer: &mut Consumer) -> (serde_json::Value, Delivery)
     (json, delivery)
 }
 
-/// Reports by correlation id, with how many times each arrived.
+/// Reports by correlation id: the first copy, and how many copies arrived. Every copy
+/// is checked on arrival (a redelivered task answered twice must be right both times).
 pub type Seen = HashMap<String, (serde_json::Value, usize)>;
 
-/// Collects reports until `want` distinct correlation ids were seen.
-pub async fn collect(consumer: &mut Consumer, want: usize) -> Seen {
+/// Collects reports, checking each copy with `check`, until `want` distinct correlation
+/// ids were seen.
+pub async fn collect(consumer: &mut Consumer, want: usize, check: impl Fn(&serde_json::Value)) -> Seen {
     let mut seen = Seen::new();
-    collect_into(consumer, &mut seen, want).await;
+    collect_into(consumer, &mut seen, want, check).await;
     seen
 }
 
-/// Adds reports to `seen` until it holds `want` distinct correlation ids.
-pub async fn collect_into(consumer: &mut Consumer, seen: &mut Seen, want: usize) {
+/// Adds reports to `seen`, checking each copy, until it holds `want` distinct ids. A
+/// report received before (say, the one that showed a fault could be injected) must be
+/// noted first, so a redelivered copy of it is not taken for a new task.
+pub async fn collect_into(consumer: &mut Consumer, seen: &mut Seen, want: usize, check: impl Fn(&serde_json::Value)) {
     while seen.len() < want {
         let (report, _) = next_json(consumer).await;
-        note(seen, report);
+        note(seen, report, &check);
     }
 }
 
-/// Counts one report.
-pub fn note(seen: &mut Seen, report: serde_json::Value) {
+/// Checks and counts one report.
+pub fn note(seen: &mut Seen, report: serde_json::Value, check: impl Fn(&serde_json::Value)) {
+    check(&report);
     seen.entry(report["correlation_id"].to_string()).or_insert((report, 0)).1 += 1;
 }
 
@@ -255,4 +260,113 @@ pub fn expected_data(records: &[super::RefRecord], phones: &[u64]) -> serde_json
     let data: Vec<report_service::message::PhoneReport> =
         phones.iter().zip(&stats).map(|(&phone, s)| report_service::message::PhoneReport::new(phone, s)).collect();
     serde_json::from_slice(&sonic_rs::to_vec(&data).expect("serialise")).expect("json")
+}
+
+/// Every message now in `queue`, taken with `basic.get` and acked, oldest first. For
+/// checking a queue's exact contents after the service has stopped.
+pub async fn drain_queue(channel: &Channel, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+    let mut messages = Vec::new();
+    loop {
+        let got = channel.basic_get(queue.into(), lapin::options::BasicGetOptions::default()).await.expect("basic.get");
+        let Some(message) = got else { return messages };
+        message.ack(BasicAckOptions::default()).await.expect("ack");
+        messages.push(message);
+    }
+}
+
+/// Ready messages in `queue` (passive declare).
+pub async fn ready_messages(channel: &Channel, queue: &str) -> u32 {
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    channel.queue_declare(queue.into(), passive, FieldTable::default()).await.expect("queue exists").message_count()
+}
+
+/// A string header of a message.
+pub fn header_text(properties: &BasicProperties, key: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(key)? {
+        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// Runs `rabbitmqctl args`, asserting success.
+pub fn rabbitmqctl_ok(args: &[&str]) -> String {
+    let out = rabbitmqctl(args);
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A broker policy applied to exactly one queue while it lives.
+pub struct Policy(String);
+
+impl Policy {
+    pub fn on_queue(queue: &str, definition: &str) -> Policy {
+        let name = format!("test-policy-{queue}");
+        let pattern = format!("^{}$", queue.replace('.', "\\."));
+        rabbitmqctl_ok(&["-q", "set_policy", "--apply-to", "queues", "--priority", "100", &name, &pattern, definition]);
+        Policy(name)
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["-q", "clear_policy", &self.0]);
+    }
+}
+
+/// A second broker user (full permissions on `/`) while it lives.
+pub struct BrokerUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl BrokerUser {
+    pub fn create(label: &str) -> BrokerUser {
+        let name = format!("test-user-{label}-{}", std::process::id());
+        let password = "test-password".to_owned();
+        let _ = rabbitmqctl(&["-q", "delete_user", &name]);
+        rabbitmqctl_ok(&["-q", "add_user", &name, &password]);
+        rabbitmqctl_ok(&["-q", "set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        BrokerUser { name, password }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["-q", "delete_user", &self.name]);
+    }
+}
+
+/// Makes the broker close one channel of the connection whose name contains `name` with
+/// a channel error, as it does when a client breaks a channel rule: the channel numbered
+/// `pick` from its open channels (sorted by number). Returns the channel's number.
+pub fn break_channel_of(name: &str, pick: impl Fn(&[u32]) -> u32) -> u32 {
+    let connections = rabbitmqctl_ok(&["-q", "list_connections", "pid", "client_properties"]);
+    let connection = connections
+        .lines()
+        .find(|line| line.contains(name))
+        .and_then(|line| line.split_whitespace().next())
+        .unwrap_or_else(|| panic!("a connection named {name}"))
+        .to_owned();
+    let channels = rabbitmqctl_ok(&["-q", "list_channels", "pid", "connection", "number"]);
+    let mine: Vec<(String, u32)> = channels
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            let (pid, conn, number) = (parts.next()?, parts.next()?, parts.next()?.parse().ok()?);
+            (conn == connection).then(|| (pid.to_owned(), number))
+        })
+        .collect();
+    let mut numbers: Vec<u32> = mine.iter().map(|(_, n)| *n).collect();
+    numbers.sort_unstable();
+    let number = pick(&numbers);
+    let pid = &mine.iter().find(|(_, n)| *n == number).expect("channel").0;
+    // An ack of a delivery tag the channel never sent: the broker closes the channel
+    // with PRECONDITION_FAILED, exactly as for a client's own protocol error.
+    let code = format!("rabbit_channel:do(rabbit_misc:string_to_pid(\"{pid}\"), {{'basic.ack', 999999999, false}}).");
+    rabbitmqctl_ok(&["eval", &code]);
+    number
 }

@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod amqp;
+pub mod proxy;
+pub mod worker;
 
 use report_service::stats::CallStats;
 use serde::Deserialize;

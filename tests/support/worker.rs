@@ -1,0 +1,135 @@
+//! The real `report-service` binary as a child process, for tests that need a process
+//! of its own (signals, crashes, memory, its own thread set-up): started on a test's
+//! queues, its JSON log lines readable as they come.
+
+use super::amqp::{Names, WAIT};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The log line of every (re)connect.
+pub const READY: &str = r#""event":"Consumer connected and ready to consume messages.""#;
+
+/// A report-service child process; its stdout lines arrive on `lines`. Killed when
+/// dropped.
+pub struct Worker {
+    pub child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line read so far (for assertions and failure messages).
+    pub log: Vec<String>,
+}
+
+impl Worker {
+    /// Starts the binary on `names`' queues over `data`, its snapshot in `dir`, HTTP on
+    /// an ephemeral port, with `extra` settings on top.
+    pub fn start(names: &Names, data: &std::path::Path, dir: &std::path::Path, extra: &[(&str, &str)]) -> Worker {
+        names.expect_service(extra);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_report-service"));
+        command
+            .envs(names.vars())
+            .env("DATA_PATH", data)
+            .env("SNAPSHOT_PATH", dir.join("cache.snapshot"))
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            // The binary sets up its own thread stacks: do not hand it the test's.
+            .env_remove("RUST_MIN_STACK")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in extra {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start report-service");
+        let (sender, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Worker { child, lines, log: Vec::new() }
+    }
+
+    /// Waits (bounded) for a stdout line containing `needle`; returns it.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line with {needle:?}; got:\n{}", self.log.join("\n")));
+            self.log.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// How many lines read so far contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log.iter().filter(|line| line.contains(needle)).count()
+    }
+
+    /// The bound `/health` address, from the startup log line.
+    pub fn http_addr(&mut self) -> SocketAddr {
+        let line = self.wait_for("serving /health and /metrics");
+        let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+        json["address"].as_str().and_then(|a| a.parse().ok()).expect("an address field")
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `limit`; panics if it does not.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "still running after {limit:?}");
+            // Reading a log line is the one event this loop can block on without
+            // missing the exit: its stdout closes when it exits.
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                self.log.push(line);
+            }
+        }
+    }
+
+    /// Resident memory in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// `GET path` on `addr`: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Already exited, or killed now: either way it is reaped.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
