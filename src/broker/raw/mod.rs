@@ -1,0 +1,129 @@
+//! A minimal AMQP 0-9-1 client for the one thing lapin cannot do: read a message whose
+//! properties are not valid in lapin's model.
+//!
+//! lapin decodes every AMQP short string (`message_id`, `reply_to`, header keys, ...) as
+//! UTF-8 and treats a failure, or a header field of a type it does not know, as a fatal
+//! connection error. The broker then requeues the message and delivers it again to the
+//! next connection: one such message wedges every consumer of the queue. This client keeps
+//! every string as bytes, so [`crate::poison`] can receive such a message, copy it to the
+//! dead-letter queue and ack it.
+//!
+//! It speaks just enough of the protocol for that: the handshake (PLAIN), one channel in
+//! confirm mode, one consumer (`basic.qos`, `basic.consume`, `basic.cancel`), `basic.ack`,
+//! a confirmed `basic.publish`, and closing. No heartbeats, no recovery: each use is a
+//! short, bounded exchange, and every call is wrapped in a timeout by its caller. It must
+//! not grow into a second client.
+//!
+//! Layout: this file holds the message types, `client` the connection and its frames,
+//! `codec` the wire encoding of properties and header tables.
+
+mod client;
+mod codec;
+
+pub use client::{Endpoint, RawClient};
+pub use codec::{content_header, escape_bytes, parse_content_header, table_problem};
+
+use std::time::Duration;
+
+/// Nested header tables deeper than this are kept as opaque bytes, so decoding never
+/// recurses without bound.
+const MAX_TABLE_DEPTH: usize = 32;
+
+/// What went wrong talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum RawError {
+    #[error("cannot reach the broker: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the broker closed the {scope} ({code}): {text}")]
+    Closed { scope: &'static str, code: u16, text: String },
+    #[error("unexpected AMQP frame: {0}")]
+    Protocol(&'static str),
+    #[error("the broker does not offer PLAIN authentication")]
+    NoPlainAuth,
+    #[error("a message of {0} bytes is over this client's limit")]
+    TooLarge(u64),
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A header table: its bytes as sent, and its fields when they could be decoded (not
+/// for an unknown field type, or nesting deeper than [`MAX_TABLE_DEPTH`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTable {
+    pub bytes: Vec<u8>,
+    pub fields: Option<Vec<(Vec<u8>, RawValue)>>,
+}
+
+impl RawTable {
+    /// A table received as `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> RawTable {
+        let fields = codec::decode_fields(&bytes, 0).ok();
+        RawTable { bytes, fields }
+    }
+
+    /// A table to send.
+    pub fn from_fields(fields: Vec<(Vec<u8>, RawValue)>) -> RawTable {
+        RawTable { bytes: codec::encode_table(&fields), fields: Some(fields) }
+    }
+}
+
+/// One header value. Type letters as RabbitMQ (and lapin) write them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawValue {
+    Bool(bool),
+    I8(i8),
+    U8(u8),
+    I16(i16),
+    U16(u16),
+    I32(i32),
+    U32(u32),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Decimal { scale: u8, value: u32 },
+    LongString(Vec<u8>),
+    Array(Vec<RawValue>),
+    Timestamp(u64),
+    Table(Vec<(Vec<u8>, RawValue)>),
+    Bytes(Vec<u8>),
+    Void,
+}
+
+/// The basic-class properties of a message, every string as bytes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawProperties {
+    pub content_type: Option<Vec<u8>>,
+    pub content_encoding: Option<Vec<u8>>,
+    pub headers: Option<RawTable>,
+    pub delivery_mode: Option<u8>,
+    pub priority: Option<u8>,
+    pub correlation_id: Option<Vec<u8>>,
+    pub reply_to: Option<Vec<u8>>,
+    pub expiration: Option<Vec<u8>>,
+    pub message_id: Option<Vec<u8>>,
+    pub timestamp: Option<u64>,
+    pub kind: Option<Vec<u8>>,
+    pub user_id: Option<Vec<u8>>,
+    pub app_id: Option<Vec<u8>>,
+    pub cluster_id: Option<Vec<u8>>,
+}
+
+/// A message fetched with `basic.get`, not yet acked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawDelivery {
+    pub delivery_tag: u64,
+    pub redelivered: bool,
+    pub exchange: Vec<u8>,
+    pub routing_key: Vec<u8>,
+    pub properties: RawProperties,
+    pub body: Vec<u8>,
+}
+
+/// How the broker took a published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawConfirm {
+    Queued,
+    /// Acked, but returned first: no queue took it.
+    Unroutable,
+    Nacked,
+}
