@@ -28,6 +28,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// A snapshot temporary older than this was left by a crash (a write takes
+/// milliseconds); younger ones may be another instance's write in progress.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A started service.
 #[derive(Debug)]
 pub struct Running {
@@ -124,6 +128,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         info!("cache disabled (CACHE_TTL_SECS=0): no snapshot is read or written");
         None
     } else {
+        let stale = crate::atomic_file::remove_stale_temporaries(&config.snapshot_path, STALE_TEMPORARY);
+        if stale > 0 {
+            info!(removed = stale, "removed snapshot temporaries left by an earlier crash");
+        }
         restore(&config.snapshot_path, &engine);
         let source_engine = engine.clone();
         let source: snapshot::Source = Box::new(move || {

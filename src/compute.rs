@@ -15,10 +15,34 @@ const UNIT_BYTES: usize = 256 * 1024;
 
 /// Statistics of each of `phones` (same order, same length). Phones without records get
 /// [`CallStats::EMPTY`]. Runs on `pool` and blocks until done.
+///
+/// The file is checked before and after it is read: if it was rewritten in place at any
+/// moment in between, the numbers may be torn, so none are returned (nothing computed
+/// from them is cached, snapshotted or answered; the task is retried on the new file).
 pub fn compute(dataset: &Dataset, phones: &[u64], pool: &rayon::ThreadPool) -> Result<Vec<CallStats>, StaleData> {
+    compute_checked(dataset, phones, pool, || {})
+}
+
+/// [`compute`], with `meanwhile` run after the records are read and before the final
+/// check (tests change the file there).
+fn compute_checked(
+    dataset: &Dataset,
+    phones: &[u64],
+    pool: &rayon::ThreadPool,
+    meanwhile: impl FnOnce(),
+) -> Result<Vec<CallStats>, StaleData> {
     if !dataset.still_intact() {
         return Err(StaleData::Changed);
     }
+    let result = aggregate(dataset, phones, pool)?;
+    meanwhile();
+    if !dataset.still_intact() {
+        return Err(StaleData::Changed);
+    }
+    Ok(result)
+}
+
+fn aggregate(dataset: &Dataset, phones: &[u64], pool: &rayon::ThreadPool) -> Result<Vec<CallStats>, StaleData> {
     let prefixes: Vec<PhonePrefix> = phones.iter().map(|&phone| PhonePrefix::new(phone)).collect();
     let units = work_units(dataset, phones);
     let partials: Vec<(usize, CallStats)> = pool.install(|| {
@@ -61,4 +85,34 @@ fn work_units(dataset: &Dataset, phones: &[u64]) -> Vec<(usize, Range<usize>)> {
         }
     }
     units
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, Write};
+
+    fn dataset(dir: &std::path::Path) -> (std::path::PathBuf, Dataset, rayon::ThreadPool) {
+        let path = dir.join("data.json");
+        std::fs::write(&path, br#"[{"phone":3,"start_date":0,"end_date":10000}]"#).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let dataset = Dataset::open(&path, &pool).unwrap();
+        (path, dataset, pool)
+    }
+
+    #[test]
+    fn a_file_rewritten_in_place_while_it_is_read_yields_no_statistics() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, dataset, pool) = dataset(dir.path());
+        assert_eq!(compute(&dataset, &[3], &pool).unwrap()[0].records, 1);
+        let rewrite = || {
+            let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            file.seek(std::io::SeekFrom::Start(0)).unwrap();
+            file.write_all(br#"[{"phone":3,"start_date":0,"end_date":20000}]"#).unwrap();
+            let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+            file.set_modified(later).unwrap();
+        };
+        assert!(matches!(compute_checked(&dataset, &[3], &pool, rewrite), Err(StaleData::Changed)));
+        assert!(matches!(compute(&dataset, &[3], &pool), Err(StaleData::Changed)), "and every later read");
+    }
 }

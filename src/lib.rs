@@ -7,7 +7,8 @@
 //! - [`compute`]: the statistics of a list of phones, in parallel on a rayon pool.
 //! - [`cache`]: the TTL map of per-phone statistics, tagged by data version.
 //! - [`engine`]: cache lookups, single-flight computation on the pool, data swaps.
-//! - [`snapshot`]: the cache's file format and write-behind thread.
+//! - [`snapshot`]: the cache's file format and write-behind thread; [`atomic_file`]:
+//!   replacing a file by rename.
 //! - [`reload`]: notices a replaced data.json, indexes it, swaps it in.
 //! - [`message`]: the wire contract (task parsing, report JSON).
 //! - [`dead_letter`], [`retry`]: the dead-letter copy and the retry policy (pure).
@@ -23,6 +24,7 @@
 //! The binaries in `src/bin` only parse arguments and call into these modules.
 
 pub mod app;
+pub mod atomic_file;
 pub mod broker;
 pub mod cache;
 pub mod clock;

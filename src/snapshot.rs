@@ -4,16 +4,15 @@
 //! Format (little-endian): magic `RSCACHE\0`, format version (u32), the identity of the
 //! data.json the entries were computed from (device, inode, size: u64; mtime ns: i128),
 //! write time (u64 ms), entry count (u64), the entries (112 bytes each), and a CRC-32 of
-//! everything before it. A snapshot is written to a temporary file, fsynced, renamed
-//! over the old one and the directory fsynced, so a crash leaves the old or the new
-//! file, never a torn one.
+//! everything before it. A snapshot is written with `atomic_file` (temporary file,
+//! fsync, rename, directory fsync), so a crash leaves the old or the new file, never a
+//! torn one. Files moved aside as unusable are bounded in number.
 
 use crate::cache::CachedPhone;
 use crate::data::FileIdentity;
 use crate::metrics::Metrics;
 use crate::stats::CallStats;
 use parking_lot::{Condvar, Mutex};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -145,16 +144,6 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     Ok(Snapshot { identity, written_ms, entries })
 }
 
-/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut temp = tempfile::Builder::new().prefix(".snapshot-").tempfile_in(dir)?;
-    temp.write_all(bytes)?;
-    temp.as_file().sync_all()?;
-    temp.persist(path).map_err(|e| e.error)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// The snapshot at `path`; `Ok(None)` when there is none.
 pub fn load(path: &Path) -> Result<Option<Snapshot>, SnapshotError> {
     match std::fs::read(path) {
@@ -164,13 +153,32 @@ pub fn load(path: &Path) -> Result<Option<Snapshot>, SnapshotError> {
     }
 }
 
+/// How many snapshots moved aside are kept for inspection; older ones are deleted.
+pub const KEPT_QUARANTINED: usize = 3;
+
 /// Moves an unusable snapshot aside (`<path>.corrupt-<ms>`) so it can be inspected and
-/// is not read again.
+/// is not read again, and deletes all but the newest [`KEPT_QUARANTINED`] of them, so a
+/// snapshot that keeps breaking never fills the disk.
 pub fn quarantine(path: &Path, now_ms: u64) -> std::io::Result<PathBuf> {
     let mut aside = path.as_os_str().to_owned();
     aside.push(format!(".corrupt-{now_ms}"));
     let aside = PathBuf::from(aside);
     std::fs::rename(path, &aside)?;
+    let name = path.file_name().map(|n| format!("{}.corrupt-", n.to_string_lossy())).unwrap_or_default();
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut moved: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let ms = file.strip_prefix(&name)?.parse().ok()?;
+            Some((ms, entry.path()))
+        })
+        .collect();
+    moved.sort_unstable_by(|a, b| b.cmp(a));
+    for (_, old) in moved.into_iter().skip(KEPT_QUARANTINED) {
+        // Best effort: a file that cannot be deleted is left, and tried again next time.
+        let _ = std::fs::remove_file(old);
+    }
     Ok(aside)
 }
 
@@ -278,7 +286,7 @@ fn writer_loop(
         }
         // Coalesce: changes arriving within `interval` of the last write wait for the
         // next one. A stop request cuts the wait short.
-        if let Some(deadline) = last_write.map(|at| at + interval) {
+        if let Some(deadline) = last_write.and_then(|at| at.checked_add(interval)) {
             while !signal.stop && Instant::now() < deadline {
                 shared.wake.wait_until(&mut signal, deadline);
             }
@@ -300,7 +308,7 @@ fn writer_loop(
 fn write_one(path: &Path, source: &Source, metrics: &Metrics) {
     let snapshot = source();
     let started = Instant::now();
-    match write_atomic(path, &encode(&snapshot)) {
+    match crate::atomic_file::write(path, &encode(&snapshot)) {
         Ok(()) => {
             metrics.snapshot_writes.inc();
             tracing::debug!(
@@ -370,13 +378,11 @@ mod tests {
     }
 
     #[test]
-    fn atomic_write_replaces_the_file_and_leaves_no_temporary() {
+    fn a_written_snapshot_loads_and_a_missing_one_is_none() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.snapshot");
-        write_atomic(&path, b"first").unwrap();
-        write_atomic(&path, &encode(&sample())).unwrap();
+        crate::atomic_file::write(&path, &encode(&sample())).unwrap();
         assert_eq!(load(&path).unwrap(), Some(sample()));
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         assert!(load(&dir.path().join("missing")).unwrap().is_none());
     }
 
@@ -388,6 +394,31 @@ mod tests {
         let aside = quarantine(&path, 42).unwrap();
         assert_eq!(aside, dir.path().join("cache.snapshot.corrupt-42"));
         assert!(!path.exists() && aside.exists());
+    }
+
+    /// A snapshot that breaks at every start never piles up files: the newest three
+    /// stay.
+    #[test]
+    fn only_the_newest_quarantined_snapshots_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        std::fs::write(dir.path().join("other.corrupt-1"), b"not ours").unwrap();
+        for now_ms in [5, 100, 20, 7, 1000] {
+            std::fs::write(&path, b"junk").unwrap();
+            quarantine(&path, now_ms).unwrap();
+        }
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "cache.snapshot.corrupt-100",
+                "cache.snapshot.corrupt-1000",
+                "cache.snapshot.corrupt-20",
+                "other.corrupt-1"
+            ]
+        );
     }
 
     /// Writes are coalesced and the final change is flushed at shutdown, without sleeping:
@@ -427,7 +458,10 @@ mod tests {
     #[tokio::test]
     async fn a_failed_write_is_counted_and_the_writer_keeps_going() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("missing-dir").join("cache.snapshot");
+        // A parent that is a regular file: no write can succeed (tests run as root,
+        // which ignores permission bits).
+        std::fs::write(dir.path().join("not-a-dir"), b"").unwrap();
+        let path = dir.path().join("not-a-dir").join("cache.snapshot");
         let metrics = Arc::new(Metrics::new());
         let marker = DirtyMarker::default();
         let writer = SnapshotWriter::spawn(

@@ -366,3 +366,52 @@ async fn a_connection_closed_by_the_broker_mid_load_loses_no_task() {
     service.stop().await.unwrap();
     assert!(metrics.reconnects.get() >= 1, "the close happened while tasks were left");
 }
+
+/// Queues an operator already created with arguments of their own (a quorum report
+/// queue, a DLQ with a length limit) are used as they are, where declaring them without
+/// arguments would fail with PRECONDITION_FAILED and never attach; the task queue keeps
+/// the starting service's plain declaration.
+#[tokio::test]
+async fn queues_an_operator_declared_with_other_arguments_are_used_as_they_are() {
+    let names = Names::unique("existing");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 10, 100);
+    let mut quorum = lapin::types::FieldTable::default();
+    quorum.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    let mut limited = lapin::types::FieldTable::default();
+    limited.insert("x-max-length".into(), AMQPValue::LongLongInt(1_000));
+    let client = Client::with_arguments(&names, quorum, limited).await;
+    let mut reports = client.consume(&names.reports).await;
+    let mut dead = client.consume(&names.dlq).await;
+    let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    client.send(&task(json!(1), &[1, 2])).await;
+    let (report, _) = next_json(&mut reports).await;
+    assert_eq!(report["data"], expected_data(&records, &[1, 2]));
+    client.send_raw(b"not json", BasicProperties::default()).await;
+    let copy = next(&mut dead).await;
+    assert_eq!(copy.data, b"not json");
+    assert!(service.health().ready());
+    service.stop().await.unwrap();
+}
+
+/// A crash between creating a snapshot's temporary file and renaming it leaves the
+/// temporary behind: the next start removes it (old ones only; a young one may be another
+/// instance's write in progress).
+#[tokio::test]
+async fn snapshot_temporaries_left_by_a_crash_are_removed_at_startup() {
+    let names = Names::unique("leftovers");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = data_file(dir.path(), 10, 100);
+    let _client = Client::new(&names).await;
+    let old = dir.path().join(".cache.snapshot.tmp-crashed");
+    let young = dir.path().join(".cache.snapshot.tmp-writing");
+    for file in [&old, &young] {
+        std::fs::write(file, b"partial").unwrap();
+    }
+    let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3_600);
+    std::fs::File::options().write(true).open(&old).unwrap().set_modified(an_hour_ago).unwrap();
+    let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    assert!(!old.exists(), "the crash's leftover is gone");
+    assert!(young.exists(), "a write that may be in progress is left alone");
+    service.stop().await.unwrap();
+}

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use report_service::atomic_file::AtomicFile;
 use report_service::datagen::{self, Layout, Options};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -65,20 +66,16 @@ fn main() -> Result<()> {
     };
     // Written beside the target and renamed over it, as the service expects data.json
     // to be replaced (README, "Data reload").
-    let dir = cli.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let temp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+    let file = AtomicFile::create(&cli.out).with_context(|| format!("cannot write beside {}", cli.out.display()))?;
     let bar = ProgressBar::new(estimated_bytes(&options));
     bar.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")?);
-    let mut out = BufWriter::with_capacity(8 << 20, temp.as_file());
+    let mut out = BufWriter::with_capacity(8 << 20, file.file());
     let written = datagen::generate(&options, &mut out, &|bytes| bar.set_position(bytes))?;
     out.flush()?;
     drop(out);
     bar.finish();
-    // Readable by the service whatever user it runs as (a temp file starts at 0600).
-    std::fs::set_permissions(temp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-    temp.as_file().sync_all()?;
-    temp.persist(&cli.out).with_context(|| format!("cannot write {}", cli.out.display()))?;
+    file.readable_by_all()?;
+    file.commit().with_context(|| format!("cannot write {}", cli.out.display()))?;
     eprintln!("wrote {} records, {written} bytes, to {}", options.phones * options.per_phone, cli.out.display());
     Ok(())
 }

@@ -107,13 +107,20 @@ impl Client {
     /// Connects and declares the task, report and dead-letter queues as plain durable
     /// queues (as clients of the starting service do).
     pub async fn new(names: &Names) -> Client {
+        Client::with_arguments(names, FieldTable::default(), FieldTable::default()).await
+    }
+
+    /// [`Client::new`], the report queue and the DLQ declared with `reports` and `dlq`
+    /// arguments (as an operator's infrastructure tool might).
+    pub async fn with_arguments(names: &Names, reports: FieldTable, dlq: FieldTable) -> Client {
         let connection =
             Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("broker reachable");
         let channel = connection.create_channel().await.expect("channel");
         channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-        for queue in [&names.tasks, &names.reports, &names.dlq] {
-            channel.queue_declare(queue.as_str().into(), durable, FieldTable::default()).await.expect("declare");
+        for (queue, arguments) in [(&names.tasks, FieldTable::default()), (&names.reports, reports), (&names.dlq, dlq)]
+        {
+            channel.queue_declare(queue.as_str().into(), durable, arguments).await.expect("declare");
         }
         let cleanup =
             Cleanup(vec![names.tasks.clone(), names.reports.clone(), names.dlq.clone()], Arc::clone(&names.extra));
