@@ -13,7 +13,7 @@ use report_service::compute::compute;
 use report_service::data::{Dataset, PhoneIndex};
 use report_service::datagen::{self, Layout, Options};
 use report_service::engine::Engine;
-use report_service::message::{CorrelationId, PhoneReport, Report, complete_report_json};
+use report_service::message::{CorrelationId, Limits, PhoneReport, Report, complete_report_json, parse_task};
 use report_service::metrics::{Metrics, source};
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -126,5 +126,20 @@ fn report_json(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, index_build, cold_report, warm_report, report_json);
+/// Parsing task bodies: the sample task's size, and one of 10,000 phones (~120 KB), where
+/// sonic-rs's SIMD (enabled or not at build time) would matter most.
+fn task_parse(c: &mut Criterion) {
+    let limits = Limits { max_task_bytes: 1 << 20, max_phones: 10_000 };
+    let small = br#"{"correlation_id": 13242421424214, "phones": [1, 2, 3, 3, 5, 11, 67, 45, 23, 33]}"#.to_vec();
+    let phones: Vec<String> = (0..10_000u64).map(|p| (79_161_000_000 + p * 7).to_string()).collect();
+    let large = format!(r#"{{"correlation_id": 1, "phones": [{}]}}"#, phones.join(", ")).into_bytes();
+    let mut group = c.benchmark_group("task_parse");
+    for (name, body) in [("ten_phones", small), ("ten_thousand_phones", large)] {
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(name, |b| b.iter(|| parse_task(black_box(&body), None, limits).expect("a task")));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, index_build, cold_report, warm_report, report_json, task_parse);
 criterion_main!(benches);

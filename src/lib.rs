@@ -17,7 +17,7 @@
 //! - [`service`]: the task pipeline, the ack decision and the consume loop.
 //! - [`app`]: wiring from a [`config::Config`] to a running service.
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: what operators see.
-//! - [`config`], [`clock`], [`shutdown`], [`cpu`], [`stack`]: inputs and process set-up.
+//! - [`config`], [`clock`], [`shutdown`], [`stack`]: inputs and process set-up.
 //! - [`datagen`]: deterministic data.json generation for tests, benches and users.
 //! - [`producer`]: the client side: send, sample tasks, load test, echo baseline.
 //!
@@ -30,7 +30,6 @@ pub mod cache;
 pub mod clock;
 pub mod compute;
 pub mod config;
-pub mod cpu;
 pub mod data;
 pub mod datagen;
 pub mod dead_letter;

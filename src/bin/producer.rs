@@ -31,7 +31,7 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
-    /// Publish the starting service's ten sample tasks; reports go to REPORT_QUEUE.
+    /// Publish the starting service's ten sample tasks (each printed as a JSON line); reports go to REPORT_QUEUE.
     Seed,
     /// Keep C tasks in flight until N are answered; print throughput and latency.
     Load {
@@ -74,7 +74,6 @@ enum Command {
 const SHARED: [&str; 3] = ["AMQP_URL", "TASK_QUEUE", "REPORT_QUEUE"];
 
 fn main() -> Result<()> {
-    report_service::cpu::ensure_supported()?;
     report_service::stack::ensure_deep_stacks();
     let flags = config::flags(|s| SHARED.contains(&s.variable));
     let matches = Cli::command().args(flags).get_matches();
@@ -108,8 +107,11 @@ async fn run(command: Command, config: Config) -> Result<()> {
             Ok(())
         }
         Command::Seed => {
+            // Each task published, as a JSON line on stdout (the summary goes to stderr).
             for (i, phones) in SAMPLE_TASKS.iter().enumerate() {
-                producer::send_one(&client, FIRST_SAMPLE_ID + i as u64, phones, None).await?;
+                let id = FIRST_SAMPLE_ID + i as u64;
+                producer::send_one(&client, id, phones, None).await?;
+                println!("{}", String::from_utf8_lossy(&producer::task_body(id, phones)));
             }
             eprintln!(
                 "published {} sample tasks to {}; their reports go to {}",

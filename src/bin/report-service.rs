@@ -44,7 +44,6 @@ fn parse_correlation_id(text: &str) -> Result<CorrelationId, String> {
 }
 
 fn main() -> Result<()> {
-    report_service::cpu::ensure_supported()?;
     stack::ensure_deep_stacks();
     let matches = Cli::command().args(config::flags(|_| true)).get_matches();
     let cli = Cli::from_arg_matches(&matches)?;

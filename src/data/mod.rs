@@ -112,7 +112,30 @@ impl Dataset {
 
     /// Aggregates the records of `phone.phone()` in `span` (the prefix is computed once
     /// per phone by the caller).
+    ///
+    /// The binaries are built for the architecture's baseline, so they run on any x86-64
+    /// CPU; this loop alone is also compiled for AVX2 and chosen at run time when the CPU
+    /// has it (it is ~9 % faster so: README, "Build and CPU support").
     pub fn accumulate(&self, span: Span, phone: &PhonePrefix) -> Result<CallStats, StaleData> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: `accumulate_avx2` may only run on a CPU with AVX2, and this one has
+            // it (detected just above; std caches the answer).
+            return unsafe { self.accumulate_avx2(span, phone) };
+        }
+        self.accumulate_here(span, phone)
+    }
+
+    /// [`Dataset::accumulate`] compiled with AVX2 enabled.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn accumulate_avx2(&self, span: Span, phone: &PhonePrefix) -> Result<CallStats, StaleData> {
+        self.accumulate_here(span, phone)
+    }
+
+    /// The aggregation loop, inlined into each variant so each is compiled for its CPU.
+    #[inline(always)]
+    fn accumulate_here(&self, span: Span, phone: &PhonePrefix) -> Result<CallStats, StaleData> {
         let bytes = self.mapping.bytes();
         let end = span.end();
         if end > bytes.len() {
@@ -164,5 +187,36 @@ fn other_layout(bytes: &[u8], pos: usize, phone: u64, stats: &mut CallStats) -> 
             Some(after)
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 build of the loop (chosen at run time) and the baseline one agree on
+    /// every span, compact records and others alike.
+    #[test]
+    fn the_cpu_specific_and_the_baseline_loops_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.json");
+        let mut bytes = Vec::new();
+        let options = crate::datagen::Options { phones: 7, per_phone: 3_000, shuffle: true, ..Default::default() };
+        crate::datagen::generate(&options, &mut bytes, &|_| {}).unwrap();
+        bytes.truncate(bytes.iter().rposition(|&b| b == b']').unwrap());
+        bytes.extend_from_slice(br#", { "end_date": 30001, "x": [1, {"y": "}"}], "phone": 3, "start_date": 0 }]"#);
+        std::fs::write(&path, &bytes).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let dataset = Dataset::open(&path, &pool).unwrap();
+        let mut checked = 0;
+        for &phone in dataset.index().phones() {
+            let prefix = PhonePrefix::new(phone);
+            for &span in dataset.index().spans(phone) {
+                let dispatched = dataset.accumulate(span, &prefix).unwrap();
+                assert_eq!(dispatched, dataset.accumulate_here(span, &prefix).unwrap(), "phone {phone}");
+                checked += dispatched.records;
+            }
+        }
+        assert_eq!(checked, 7 * 3_000 + 1);
     }
 }
