@@ -72,6 +72,7 @@ fn main() -> Result<()> {
     // Written beside the target and renamed over it, as the service expects data.json
     // to be replaced (README, "Data reload").
     let file = AtomicFile::create(&cli.out).with_context(|| format!("cannot write beside {}", cli.out.display()))?;
+    eprintln!("writing {} records to {}", options.phones * options.per_phone, cli.out.display());
     let bar = ProgressBar::new(estimated_bytes(&options));
     bar.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")?);
     let mut out = BufWriter::with_capacity(8 << 20, Stoppable { inner: file.file(), stop: &stop });
