@@ -1,7 +1,7 @@
 //! datagen: writes a data.json of the reference shape (or a harder layout).
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use report_service::atomic_file::{self, AtomicFile};
 use report_service::datagen::{self, Layout, Options};
@@ -11,12 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LayoutArg {
-    Sorted,
-    Shuffled,
-    Pretty,
-}
 
 /// Defaults write the public reference file: 200 phones x 100,000 records, ~1.31 GB.
 #[derive(Debug, Parser)]
@@ -31,8 +25,8 @@ struct Cli {
     phone_base: u64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    #[arg(long, value_enum, default_value = "sorted")]
-    layout: LayoutArg,
+    #[arg(long, value_parser = parse_layout, default_value = "sorted")]
+    layout: Layout,
     /// Shuffle record order in any layout.
     #[arg(long)]
     shuffle: bool,
@@ -55,17 +49,12 @@ fn main() -> Result<()> {
     // Leftovers of a run killed before it could clean up (SIGKILL, a crash).
     atomic_file::remove_stale_temporaries(&cli.out, Duration::from_secs(60));
     let stop = stop_on_signals()?;
-    let layout = match cli.layout {
-        LayoutArg::Sorted => Layout::Sorted,
-        LayoutArg::Shuffled => Layout::Shuffled,
-        LayoutArg::Pretty => Layout::Pretty,
-    };
     let options = Options {
         phones: cli.phones,
         per_phone: cli.per_phone,
         phone_base: cli.phone_base,
         seed: cli.seed,
-        layout,
+        layout: cli.layout,
         shuffle: cli.shuffle,
         max_duration_s: cli.max_duration,
     };
@@ -131,6 +120,10 @@ impl<W: Write> Write for Stoppable<'_, W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
     }
+}
+
+fn parse_layout(name: &str) -> Result<Layout, String> {
+    Layout::from_name(name).ok_or_else(|| format!("expected one of {}", Layout::NAMES.join(", ")))
 }
 
 /// A size estimate for the progress bar (compact: ~64 bytes + the phone's digits).
