@@ -4,7 +4,7 @@
 //!     valgrind --tool=callgrind target/release/examples/aggregate_instructions
 //!
 //! Aggregates 1,000,000 compact records (one phone's 200,000, five times) on one thread;
-//! `Dataset::accumulate`'s count divided by 10^6 is instructions per record.
+//! `Dataset::aggregate`'s count divided by 10^6 is instructions per record.
 
 use report_service::data::{Dataset, PhonePrefix};
 use report_service::datagen::{self, Options};
@@ -20,9 +20,7 @@ fn main() -> anyhow::Result<()> {
     let phone = PhonePrefix::new(1);
     let mut records = 0;
     for _ in 0..5 {
-        for &span in dataset.index().spans(1) {
-            records += dataset.accumulate(span, &phone)?.records;
-        }
+        records += dataset.aggregate(dataset.index().spans(1), &phone)?.records;
     }
     println!("{records} records aggregated");
     Ok(())

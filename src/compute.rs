@@ -50,11 +50,7 @@ fn aggregate(dataset: &Dataset, phones: &[u64], pool: &rayon::ThreadPool) -> Res
             .par_iter()
             .map(|&(slot, ref spans)| {
                 let phone = &prefixes[slot];
-                let mut stats = CallStats::EMPTY;
-                for &span in &dataset.index().spans(phone.phone())[spans.clone()] {
-                    stats.merge(&dataset.accumulate(span, phone)?);
-                }
-                Ok((slot, stats))
+                Ok((slot, dataset.aggregate(&dataset.index().spans(phone.phone())[spans.clone()], phone)?))
             })
             .collect::<Result<_, StaleData>>()
     })?;

@@ -124,6 +124,12 @@ impl Tally {
     pub const EMPTY: Tally =
         Tally { records: 0, short_and_long: 0, min_ms: i64::MAX, max_ms: i64::MIN, total_ms: 0, over_15s_total_ms: 0 };
 
+    /// Records added so far.
+    #[inline(always)]
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
     #[inline(always)]
     pub fn add(&mut self, ms: i64) {
         debug_assert!(ms.abs() < Tally::MAX_DURATION_MS && self.records < Tally::MAX_RECORDS);

@@ -5,7 +5,7 @@ mod support;
 
 use proptest::prelude::*;
 use report_service::compute::compute;
-use report_service::data::Dataset;
+use report_service::data::{BuildShape, Dataset};
 use report_service::datagen::{self, Layout, Options};
 use report_service::message::dedup_phones;
 use support::{RefRecord, Style, pool, reference_parse, reference_stats, render, temp_file};
@@ -35,13 +35,25 @@ fn style() -> impl Strategy<Value = Style> {
     prop_oneof![Just(Style::Compact), any::<u64>().prop_map(|seed| Style::Varied { seed })]
 }
 
+/// A build cut into `regions` regions and `1 << bucket_bits` buckets.
+fn shape(regions: usize, bucket_bits: u32) -> Option<BuildShape> {
+    Some(BuildShape { regions, bucket_bits })
+}
+
 /// Asserts the fast path equals the reference for `phones` on `bytes`, indexing with
-/// `threads` threads in `regions` regions.
-fn assert_agrees(bytes: &[u8], phones: &[u64], threads: usize, regions: usize) -> Result<(), TestCaseError> {
+/// `threads` threads, `regions` regions and `1 << bucket_bits` buckets.
+fn assert_agrees(
+    bytes: &[u8],
+    phones: &[u64],
+    threads: usize,
+    regions: usize,
+    bucket_bits: u32,
+) -> Result<(), TestCaseError> {
     let records = reference_parse(bytes).map_err(|e| TestCaseError::fail(format!("test data invalid: {e}")))?;
     let (_dir, path) = temp_file(bytes);
     let pool = pool(threads);
-    let dataset = Dataset::open_with(&path, &pool, Some(regions)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let dataset = Dataset::open_with(&path, &pool, shape(regions, bucket_bits))
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let phones = dedup_phones(phones.iter().copied());
     let fast = compute(&dataset, &phones, &pool).map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(fast, reference_stats(&records, &phones));
@@ -63,8 +75,9 @@ proptest! {
         phones in prop::collection::vec(phone(), 0..12),
         threads in 1usize..=3,
         regions in 1usize..=9,
+        bucket_bits in 0u32..=4,
     ) {
-        assert_agrees(&render(&records, style), &phones, threads, regions)?;
+        assert_agrees(&render(&records, style), &phones, threads, regions, bucket_bits)?;
     }
 
 }
@@ -82,6 +95,7 @@ proptest! {
         at in any::<prop::sample::Index>(),
         byte in prop::sample::select(b"{}[],:\"\\ \n0123456789-+.eEtfnulx\x00\xff".to_vec()),
         regions in 1usize..=4,
+        bucket_bits in 0u32..=3,
     ) {
         let mut bytes = render(&records, style);
         let at = at.index(bytes.len());
@@ -89,7 +103,7 @@ proptest! {
         let reference = reference_parse(&bytes);
         let (_dir, path) = temp_file(&bytes);
         let pool = pool(2);
-        let ours = Dataset::open_with(&path, &pool, Some(regions));
+        let ours = Dataset::open_with(&path, &pool, shape(regions, bucket_bits));
         prop_assert_eq!(ours.is_ok(), reference.is_ok(), "ours: {:?}\nreference: {:?}\ndata: {}", ours.as_ref().err(), reference.as_ref().err(), String::from_utf8_lossy(&bytes));
         if let (Ok(dataset), Ok(records)) = (ours, reference) {
             let phones: Vec<u64> = dedup_phones(records.iter().map(|r| r.phone));
@@ -107,7 +121,7 @@ proptest! {
         let close = bytes.iter().rposition(|&b| b == b']').expect("array end");
         let cut = cut.index(close);
         let (_dir, path) = temp_file(&bytes[..cut]);
-        prop_assert!(Dataset::open_with(&path, &pool(2), Some(3)).is_err());
+        prop_assert!(Dataset::open_with(&path, &pool(2), shape(3, 2)).is_err());
     }
 }
 
@@ -121,14 +135,15 @@ fn datagen_layouts_agree_with_the_reference_under_parallel_indexing() {
         Options { layout: Layout::Shuffled, ..base },
         Options { layout: Layout::Pretty, ..base },
         Options { layout: Layout::Pretty, shuffle: true, ..base },
+        Options { layout: Layout::ManyPhones, phones: 3_000, per_phone: 2, ..base },
     ] {
         let mut bytes = Vec::new();
         datagen::generate(&options, &mut bytes, &|_| {}).expect("generate");
         let mut phones: Vec<u64> = (79_161_234_558..79_161_234_569).collect();
         phones.push(0);
-        for (threads, regions) in [(1, 1), (2, 8), (2, 31)] {
-            assert_agrees(&bytes, &phones, threads, regions)
-                .unwrap_or_else(|e| panic!("{options:?} {threads}x{regions}: {e}"));
+        for (threads, regions, bucket_bits) in [(1, 1, 0), (2, 8, 3), (2, 31, 12)] {
+            assert_agrees(&bytes, &phones, threads, regions, bucket_bits)
+                .unwrap_or_else(|e| panic!("{options:?} {threads}x{regions}x{bucket_bits}: {e}"));
         }
     }
 }

@@ -3,7 +3,7 @@
 
 mod support;
 
-use report_service::data::{DataError, Dataset, Expected, Field, Found};
+use report_service::data::{BuildShape, DataError, Dataset, Expected, Field, Found};
 use report_service::datagen::{self, Options};
 use std::process::Command;
 use support::{pool, temp_file};
@@ -12,7 +12,7 @@ const GOOD: &str = r#"{"phone":1,"start_date":1000,"end_date":2000}"#;
 
 fn open(bytes: &[u8], regions: usize) -> Result<Dataset, DataError> {
     let (_dir, path) = temp_file(bytes);
-    Dataset::open_with(&path, &pool(2), Some(regions))
+    Dataset::open_with(&path, &pool(2), Some(BuildShape { regions, bucket_bits: 2 }))
 }
 
 /// Offset, expectation and what was found, identical for 1 and 4 regions.

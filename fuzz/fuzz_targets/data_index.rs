@@ -1,10 +1,10 @@
-//! Any bytes as data.json: never a panic or a hang; the serial and the speculative
-//! parallel index builds agree (same result, same first error); an accepted file's
-//! statistics count exactly its records.
+//! Any bytes as data.json: never a panic or a hang; the serial, single-bucket and the
+//! speculative parallel, bucketed index builds agree (same phones and spans, or the same
+//! first error).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use report_service::data::PhoneIndex;
+use report_service::data::{BuildShape, PhoneIndex};
 use std::sync::OnceLock;
 
 fn pool() -> &'static rayon::ThreadPool {
@@ -13,13 +13,18 @@ fn pool() -> &'static rayon::ThreadPool {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let serial = PhoneIndex::build_in_regions(data, pool(), 1);
-    let parallel = PhoneIndex::build_in_regions(data, pool(), 5);
+    let serial = PhoneIndex::build_shaped(data, pool(), BuildShape { regions: 1, bucket_bits: 0 });
+    let parallel = PhoneIndex::build_shaped(data, pool(), BuildShape { regions: 5, bucket_bits: 3 });
     match (&serial, &parallel) {
         (Ok(a), Ok(b)) => {
             assert_eq!(a.summary().records, b.summary().records);
             assert_eq!(a.summary().negative_durations, b.summary().negative_durations);
-            assert_eq!(a.phones(), b.phones());
+            let mut phones = b.phones().to_vec();
+            phones.sort_unstable();
+            assert_eq!(a.phones(), phones, "the same phones");
+            for &phone in &phones {
+                assert_eq!(a.spans(phone), b.spans(phone), "the same spans of {phone}");
+            }
         }
         (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "different first errors"),
         _ => panic!("serial {serial:?} but parallel {parallel:?}"),

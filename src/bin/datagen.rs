@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-
 /// Defaults write the public reference file: 200 phones x 100,000 records, ~1.31 GB.
 #[derive(Debug, Parser)]
 #[command(version, about = "Write a call-records data.json")]

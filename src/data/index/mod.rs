@@ -1,0 +1,121 @@
+//! The phone index: phone -> byte spans of its records, built by one validating pass.
+//!
+//! A span covers consecutive records of one phone (the separators between them
+//! included), capped at [`MAX_SPAN_LEN`] bytes so that one phone's records can be
+//! aggregated by several threads. The index holds offsets only; it never borrows the
+//! bytes it was built from.
+//!
+//! Layout (compressed sparse rows, no hash table): phones are split into buckets by a
+//! multiplicative hash of the number; within a bucket they are sorted, each with the
+//! range of its spans, in file order. A lookup hashes the phone to its bucket and binary-
+//! searches the few phones there. The buckets are also what makes the build fast on
+//! files whose records are in time order rather than grouped by phone (`build`).
+//!
+//! Memory, exactly: 8 bytes per span (40-bit offset, 24-bit length), 16 per phone (the
+//! number and where its spans start), 8 per bucket. A file grouped by phone has about one
+//! span per 256 KiB; a time-ordered one has one span per record. The build also holds
+//! each span's phone beside it (16 bytes per span) until its bucket is grouped, so it
+//! peaks at about 24 bytes per span plus 32 per phone.
+
+mod build;
+
+pub use build::BuildShape;
+
+/// Consecutive records of one phone are merged into one span up to this many bytes:
+/// the unit of parallel work when aggregating.
+pub const MAX_SPAN_LEN: usize = 256 * 1024;
+const LEN_BITS: u32 = 24;
+/// The largest single record the index can describe.
+pub const MAX_RECORD_LEN: usize = (1 << LEN_BITS) - 1;
+/// The largest file the 40-bit offsets can describe (1 TiB).
+pub const MAX_FILE_LEN: u64 = 1 << 40;
+
+/// Byte range of one or more consecutive records of one phone, packed in 8 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Span(u64);
+
+impl Span {
+    fn new(start: usize, end: usize) -> Span {
+        debug_assert!(end - start <= MAX_RECORD_LEN && (start as u64) < MAX_FILE_LEN);
+        Span(((start as u64) << LEN_BITS) | (end - start) as u64)
+    }
+
+    pub fn start(self) -> usize {
+        (self.0 >> LEN_BITS) as usize
+    }
+
+    pub fn len(self) -> usize {
+        (self.0 & ((1 << LEN_BITS) - 1)) as usize
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn end(self) -> usize {
+        self.start() + self.len()
+    }
+}
+
+/// Figures about an index, for logs and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexSummary {
+    pub records: u64,
+    pub phones: usize,
+    pub spans: usize,
+    /// Records with `end_date < start_date` (kept, reported as a startup warning).
+    pub negative_durations: u64,
+    /// Heap held by the index (capacity, not length).
+    pub heap_bytes: usize,
+}
+
+/// Phone -> spans of its records, in file order.
+#[derive(Debug)]
+pub struct PhoneIndex {
+    /// log2 of the number of buckets.
+    bucket_bits: u32,
+    /// `phones[buckets[b]..buckets[b + 1]]` are the phones of bucket `b`; one longer
+    /// than the number of buckets.
+    buckets: Vec<usize>,
+    /// Every phone with records: by bucket, ascending within a bucket.
+    phones: Vec<u64>,
+    /// `spans[starts[i]..starts[i + 1]]` are the spans of `phones[i]`; one longer than
+    /// `phones`.
+    starts: Vec<usize>,
+    /// Grouped by phone; within a phone, in file order.
+    spans: Vec<Span>,
+    summary: IndexSummary,
+}
+
+/// The bucket of `phone` among `1 << bits` (Fibonacci hashing: consecutive numbers, the
+/// usual shape of a phone book, spread evenly).
+#[inline]
+fn bucket_of(phone: u64, bits: u32) -> usize {
+    if bits == 0 { 0 } else { (phone.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - bits)) as usize }
+}
+
+impl PhoneIndex {
+    /// The spans of `phone`'s records (empty when it has none).
+    pub fn spans(&self, phone: u64) -> &[Span] {
+        let bucket = bucket_of(phone, self.bucket_bits);
+        let (Some(&first), Some(&end)) = (self.buckets.get(bucket), self.buckets.get(bucket + 1)) else {
+            return &[];
+        };
+        let Some(Ok(i)) = self.phones.get(first..end).map(|phones| phones.binary_search(&phone)) else {
+            return &[];
+        };
+        match (self.starts.get(first + i), self.starts.get(first + i + 1)) {
+            (Some(&from), Some(&to)) => self.spans.get(from..to).unwrap_or(&[]),
+            _ => &[],
+        }
+    }
+
+    pub fn summary(&self) -> IndexSummary {
+        self.summary
+    }
+
+    /// Every indexed phone (grouped by bucket, so not in numeric order).
+    pub fn phones(&self) -> &[u64] {
+        &self.phones
+    }
+}
