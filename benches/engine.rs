@@ -12,7 +12,7 @@ use report_service::clock::SystemClock;
 use report_service::compute::compute;
 use report_service::data::{Dataset, PhoneIndex};
 use report_service::datagen::{self, Layout, Options};
-use report_service::engine::Engine;
+use report_service::engine::{CacheSettings, Engine};
 use report_service::message::{CorrelationId, Limits, PhoneReport, Report, complete_report_json, parse_task};
 use report_service::metrics::{Metrics, source};
 use std::hint::black_box;
@@ -87,7 +87,7 @@ fn warm_report(c: &mut Criterion) {
     let metrics = Arc::new(Metrics::new());
     let engine = Engine::new(
         dataset,
-        Duration::from_secs(600),
+        CacheSettings { ttl: Duration::from_secs(600), max_entries: 1_000 },
         pool,
         Arc::new(SystemClock),
         Arc::clone(&metrics),

@@ -9,7 +9,7 @@ use crate::broker::Topology;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::data::Dataset;
-use crate::engine::Engine;
+use crate::engine::{CacheSettings, Engine};
 use crate::health::Health;
 use crate::message::Limits;
 use crate::metrics::Metrics;
@@ -18,7 +18,7 @@ use crate::reload::{self, Reloads};
 use crate::retry::RetryPolicy;
 use crate::service::{self, Pipeline};
 use crate::shutdown::Shutdown;
-use crate::snapshot::{self, DirtyMarker, Snapshot, SnapshotWriter};
+use crate::snapshot::{self, DirtyMarker, SnapshotWriter};
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -116,14 +116,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let dataset = load(&config.data_path, &pool).await?;
     let marker = DirtyMarker::default();
     let mark = marker.clone();
-    let engine = Engine::new(
-        dataset,
-        config.cache_ttl,
-        Arc::clone(&pool),
-        clock,
-        Arc::clone(&metrics),
-        Box::new(move || mark.mark()),
-    );
+    let cache = CacheSettings { ttl: config.cache_ttl, max_entries: config.cache_max_entries.get() };
+    let engine =
+        Engine::new(dataset, cache, Arc::clone(&pool), clock, Arc::clone(&metrics), Box::new(move || mark.mark()));
     let writer = if config.cache_ttl.is_zero() {
         info!("cache disabled (CACHE_TTL_SECS=0): no snapshot is read or written");
         None
@@ -134,10 +129,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         }
         restore(&config.snapshot_path, &engine);
         let source_engine = engine.clone();
-        let source: snapshot::Source = Box::new(move || {
-            let (identity, entries) = source_engine.snapshot_contents();
-            Snapshot { identity, written_ms: crate::clock::SystemClock.now_ms(), entries }
-        });
+        let source: snapshot::Source = Box::new(move || source_engine.snapshot_delta());
         let writer = SnapshotWriter::spawn(
             marker,
             config.snapshot_path.clone(),
@@ -244,6 +236,9 @@ fn restore(path: &Path, engine: &Engine) {
     match snapshot::load(path) {
         Ok(None) => info!(path = %path.display(), "no cache snapshot; starting with an empty cache"),
         Ok(Some(snapshot)) if snapshot.identity == identity => {
+            if snapshot.torn {
+                warn!(path = %path.display(), "the snapshot's last batch was torn by a crash; restoring the rest");
+            }
             let restored = engine.restore(&snapshot.entries);
             info!(path = %path.display(), restored, stored = snapshot.entries.len(), "cache restored from snapshot");
         }

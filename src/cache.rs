@@ -1,11 +1,22 @@
-//! The per-phone statistics cache: a TTL map whose entries belong to one version
-//! (epoch) of data.json.
+//! The per-phone statistics cache: a TTL map of bounded size whose entries belong to one
+//! version (epoch) of data.json, and which remembers what changed since the snapshot
+//! last asked.
 //!
 //! A plain data structure: it has no lock and no clock of its own (the engine owns the
-//! lock and passes the time in), and it knows nothing of files; the snapshot module
-//! persists what [`Cache::fresh_entries`] returns.
+//! lock and passes the time in), and it knows nothing of files or JSON (an [`Answer`]'s
+//! report entry is made by whoever computes it).
+//!
+//! Bounded by entries (`CACHE_MAX_ENTRIES`), not bytes: every entry has the same size
+//! (fixed-width statistics and a report entry of at most ~270 bytes), so a count bounds
+//! memory exactly and costs nothing to keep. When full, an entry is evicted by CLOCK
+//! (second chance): entries sit in a ring of slots, a hit sets a slot's bit, and the
+//! hand clears bits as it passes until it finds an entry that was not asked for since
+//! its last pass (or is expired, or of old data). That approximates least-recently-used
+//! with one bit per entry and O(1) amortised work under the engine's lock, keeps the
+//! phones clients ask for again, and lets the one-off phones of a miss-heavy load go
+//! first. All entries have the same TTL, so evicting by age instead would throw out the
+//! hot phones as readily as the cold.
 
-use crate::message::phone_json;
 use crate::stats::CallStats;
 use ahash::AHashMap;
 use std::sync::Arc;
@@ -19,12 +30,6 @@ pub struct Answer {
     pub json: Arc<[u8]>,
 }
 
-impl Answer {
-    pub fn new(phone: u64, stats: CallStats) -> Answer {
-        Answer { json: phone_json(phone, &stats), stats }
-    }
-}
-
 /// One cached phone, as the snapshot stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CachedPhone {
@@ -36,22 +41,45 @@ pub struct CachedPhone {
 
 #[derive(Debug, Clone)]
 struct Entry {
+    phone: u64,
     answer: Answer,
     expires_ms: u64,
     /// The data version the statistics were computed from.
     epoch: u64,
+    /// Asked for since the clock hand last passed.
+    referenced: bool,
+    /// Changed since the snapshot last took the changes (listed in `changed`).
+    unsaved: bool,
 }
 
 #[derive(Debug)]
 pub struct Cache {
     /// Zero: caching disabled.
     ttl_ms: u64,
-    entries: AHashMap<u64, Entry>,
+    capacity: usize,
+    /// phone -> slot.
+    index: AHashMap<u64, usize>,
+    /// The ring the clock hand sweeps; `None` is a free slot.
+    slots: Vec<Option<Entry>>,
+    /// Free slots (freed by expiry or a data swap), reused before evicting.
+    free: Vec<usize>,
+    hand: usize,
+    /// Slots changed since the last [`Cache::take_changes`], each once.
+    changed: Vec<usize>,
 }
 
 impl Cache {
-    pub fn new(ttl: Duration) -> Cache {
-        Cache { ttl_ms: ttl.as_millis() as u64, entries: AHashMap::new() }
+    /// A cache of at most `capacity` entries (at least one), each kept for `ttl`.
+    pub fn new(ttl: Duration, capacity: usize) -> Cache {
+        Cache {
+            ttl_ms: ttl.as_millis() as u64,
+            capacity: capacity.max(1),
+            index: AHashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            hand: 0,
+            changed: Vec::new(),
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -59,62 +87,160 @@ impl Cache {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.index.is_empty()
     }
 
     /// The statistics of `phone` if cached from data `epoch` and not expired at `now_ms`.
     /// An expired or other-epoch entry is dropped on the way.
     pub fn get(&mut self, phone: u64, epoch: u64, now_ms: u64) -> Option<Answer> {
-        let entry = self.entries.get(&phone)?;
+        let slot = *self.index.get(&phone)?;
+        let entry = self.slots[slot].as_mut()?;
         if entry.epoch == epoch && now_ms < entry.expires_ms {
+            entry.referenced = true;
             return Some(entry.answer.clone());
         }
-        self.entries.remove(&phone);
+        self.vacate(slot);
         None
     }
 
-    /// Caches the answer for `phone` computed from data `epoch` (no-op when disabled).
+    /// Caches the answer for `phone` computed from data `epoch` (no-op when disabled),
+    /// evicting another entry when full.
     pub fn insert(&mut self, phone: u64, answer: Answer, epoch: u64, now_ms: u64) {
         if self.enabled() {
             let expires_ms = now_ms.saturating_add(self.ttl_ms);
-            self.entries.insert(phone, Entry { answer, expires_ms, epoch });
+            self.put(Entry { phone, answer, expires_ms, epoch, referenced: false, unsaved: false }, epoch, now_ms);
         }
     }
 
     /// Puts back entries restored from a snapshot of data `epoch`, skipping expired ones;
-    /// returns how many were kept. Expiry is kept as stored, never extended.
-    pub fn restore(&mut self, phones: &[CachedPhone], epoch: u64, now_ms: u64) -> usize {
+    /// returns how many were kept. Expiry is kept as stored, never extended. Later
+    /// entries of a phone replace earlier ones; beyond the capacity, the latest stay.
+    /// They count as saved (the snapshot holds them already).
+    pub fn restore(
+        &mut self,
+        phones: &[CachedPhone],
+        epoch: u64,
+        now_ms: u64,
+        answer: impl Fn(&CachedPhone) -> Answer,
+    ) {
         if !self.enabled() {
-            return 0;
+            return;
         }
-        let before = self.entries.len();
         for p in phones.iter().filter(|p| now_ms < p.expires_ms) {
             // Never trust a stored expiry beyond our own TTL (a snapshot from a
             // configuration with a longer TTL).
             let expires_ms = p.expires_ms.min(now_ms.saturating_add(self.ttl_ms));
-            self.entries.insert(p.phone, Entry { answer: Answer::new(p.phone, p.stats), expires_ms, epoch });
+            let entry =
+                Entry { phone: p.phone, answer: answer(p), expires_ms, epoch, referenced: false, unsaved: false };
+            self.put(entry, epoch, now_ms);
         }
-        self.entries.len() - before
+        self.changed.clear();
+        for entry in self.slots.iter_mut().flatten() {
+            entry.unsaved = false;
+        }
     }
 
-    /// Drops expired and other-epoch entries; returns how many were dropped.
+    /// Drops every expired and other-epoch entry; returns how many were dropped.
     pub fn purge(&mut self, epoch: u64, now_ms: u64) -> usize {
-        let before = self.entries.len();
-        self.entries.retain(|_, e| e.epoch == epoch && now_ms < e.expires_ms);
-        before - self.entries.len()
+        let stale: Vec<usize> = (0..self.slots.len())
+            .filter(|&slot| self.slots[slot].as_ref().is_some_and(|e| e.epoch != epoch || now_ms >= e.expires_ms))
+            .collect();
+        for &slot in &stale {
+            self.vacate(slot);
+        }
+        stale.len()
     }
 
-    /// The live entries of data `epoch`, for the snapshot.
+    /// The live entries of data `epoch` changed since the last call, each once; the
+    /// snapshot's increment. Costs what changed, not what is cached.
+    pub fn take_changes(&mut self, epoch: u64, now_ms: u64) -> Vec<CachedPhone> {
+        let mut changes = Vec::with_capacity(self.changed.len());
+        for slot in std::mem::take(&mut self.changed) {
+            // A slot reused after an eviction is listed twice: taken once.
+            if let Some(entry) = self.slots[slot].as_mut().filter(|e| e.unsaved) {
+                entry.unsaved = false;
+                if entry.epoch == epoch && now_ms < entry.expires_ms {
+                    changes.push(CachedPhone {
+                        phone: entry.phone,
+                        expires_ms: entry.expires_ms,
+                        stats: entry.answer.stats,
+                    });
+                }
+            }
+        }
+        changes
+    }
+
+    /// Every live entry of data `epoch` (for a full snapshot; tests).
     pub fn fresh_entries(&self, epoch: u64, now_ms: u64) -> Vec<CachedPhone> {
-        self.entries
+        self.slots
             .iter()
-            .filter(|(_, e)| e.epoch == epoch && now_ms < e.expires_ms)
-            .map(|(&phone, e)| CachedPhone { phone, expires_ms: e.expires_ms, stats: e.answer.stats })
+            .flatten()
+            .filter(|e| e.epoch == epoch && now_ms < e.expires_ms)
+            .map(|e| CachedPhone { phone: e.phone, expires_ms: e.expires_ms, stats: e.answer.stats })
             .collect()
+    }
+
+    fn put(&mut self, mut entry: Entry, epoch: u64, now_ms: u64) {
+        let slot = match self.index.get(&entry.phone) {
+            Some(&slot) => slot,
+            None => {
+                let slot = self.free_slot(epoch, now_ms);
+                self.index.insert(entry.phone, slot);
+                slot
+            }
+        };
+        let was_unsaved = self.slots[slot].as_ref().is_some_and(|e| e.unsaved && e.phone == entry.phone);
+        entry.unsaved = true;
+        if !was_unsaved {
+            self.changed.push(slot);
+        }
+        self.slots[slot] = Some(entry);
+    }
+
+    /// A slot for a new entry: a free one, a new one below the capacity, else the
+    /// clock's victim (whose entry is dropped).
+    fn free_slot(&mut self, epoch: u64, now_ms: u64) -> usize {
+        if let Some(slot) = self.free.pop() {
+            return slot;
+        }
+        if self.slots.len() < self.capacity {
+            self.slots.push(None);
+            return self.slots.len() - 1;
+        }
+        loop {
+            let slot = self.hand;
+            self.hand = (self.hand + 1) % self.slots.len();
+            match self.slots[slot].as_mut() {
+                Some(entry) if entry.referenced && entry.epoch == epoch && now_ms < entry.expires_ms => {
+                    entry.referenced = false;
+                }
+                Some(_) => {
+                    self.evict(slot);
+                    return slot;
+                }
+                None => return slot,
+            }
+        }
+    }
+
+    /// Empties `slot` for reuse by the caller (it is not put on the free list).
+    fn evict(&mut self, slot: usize) {
+        if let Some(entry) = self.slots[slot].take() {
+            self.index.remove(&entry.phone);
+        }
+    }
+
+    /// Empties `slot` and puts it on the free list.
+    fn vacate(&mut self, slot: usize) {
+        if self.slots[slot].is_some() {
+            self.evict(slot);
+            self.free.push(slot);
+        }
     }
 }
 
@@ -127,12 +253,16 @@ mod tests {
     }
 
     fn answer(records: u64) -> Answer {
-        Answer::new(7, stats(records))
+        Answer { stats: stats(records), json: Arc::from(&b"{}"[..]) }
+    }
+
+    fn cache(ttl_secs: u64, capacity: usize) -> Cache {
+        Cache::new(Duration::from_secs(ttl_secs), capacity)
     }
 
     #[test]
     fn an_entry_is_served_until_its_ttl_and_not_after() {
-        let mut cache = Cache::new(Duration::from_secs(600));
+        let mut cache = cache(600, 10);
         cache.insert(7, answer(3), 1, 1_000);
         assert_eq!(cache.get(7, 1, 1_000 + 599_999), Some(answer(3)));
         assert_eq!(cache.get(7, 1, 1_000 + 600_000), None);
@@ -141,7 +271,7 @@ mod tests {
 
     #[test]
     fn entries_of_another_data_version_are_never_served() {
-        let mut cache = Cache::new(Duration::from_secs(600));
+        let mut cache = cache(600, 10);
         cache.insert(7, answer(3), 1, 0);
         assert_eq!(cache.get(7, 2, 1), None);
         assert_eq!(cache.get(7, 1, 1), None, "dropped when seen under the new epoch");
@@ -149,16 +279,17 @@ mod tests {
 
     #[test]
     fn a_zero_ttl_caches_nothing() {
-        let mut cache = Cache::new(Duration::ZERO);
+        let mut cache = cache(0, 10);
         cache.insert(7, answer(3), 1, 0);
         assert_eq!(cache.get(7, 1, 0), None);
-        assert_eq!(cache.restore(&[CachedPhone { phone: 1, expires_ms: 10, stats: stats(1) }], 1, 0), 0);
+        cache.restore(&[CachedPhone { phone: 1, expires_ms: 10, stats: stats(1) }], 1, 0, |p| answer(p.stats.records));
+        assert!(cache.is_empty());
     }
 
     #[test]
     fn restore_skips_expired_entries_and_caps_expiry_at_the_ttl() {
-        let mut cache = Cache::new(Duration::from_secs(10));
-        let restored = cache.restore(
+        let mut cache = cache(10, 10);
+        cache.restore(
             &[
                 CachedPhone { phone: 1, expires_ms: 5_000, stats: stats(1) },
                 CachedPhone { phone: 2, expires_ms: 99_000_000, stats: stats(2) },
@@ -166,17 +297,19 @@ mod tests {
             ],
             1,
             4_000,
+            |p| answer(p.stats.records),
         );
-        assert_eq!(restored, 2);
+        assert_eq!(cache.len(), 2);
         assert_eq!(cache.get(1, 1, 4_999).map(|a| a.stats), Some(stats(1)));
         assert_eq!(cache.get(2, 1, 13_999).map(|a| a.stats), Some(stats(2)));
         assert_eq!(cache.get(2, 1, 14_000), None, "capped at now + ttl");
         assert_eq!(cache.get(3, 1, 4_000), None);
+        assert!(cache.take_changes(1, 4_000).is_empty(), "restored entries are already saved");
     }
 
     #[test]
     fn purge_and_fresh_entries_see_only_live_entries_of_the_epoch() {
-        let mut cache = Cache::new(Duration::from_secs(1));
+        let mut cache = cache(1, 10);
         cache.insert(1, answer(1), 1, 0);
         cache.insert(2, answer(2), 1, 500);
         cache.insert(3, answer(3), 2, 500);
@@ -184,5 +317,55 @@ mod tests {
         assert_eq!(fresh, vec![CachedPhone { phone: 2, expires_ms: 1_500, stats: stats(2) }]);
         assert_eq!(cache.purge(1, 1_200), 2);
         assert_eq!(cache.len(), 1);
+    }
+
+    /// Never more than the capacity; a phone asked for again survives the sweep that
+    /// evicts the phones asked for once.
+    #[test]
+    fn when_full_the_clock_evicts_what_was_not_asked_for_again() {
+        let mut cache = cache(600, 4);
+        for phone in 0..4 {
+            cache.insert(phone, answer(phone), 1, 0);
+        }
+        assert_eq!(cache.get(2, 1, 1), Some(answer(2)), "2 is hot");
+        for phone in 10..16 {
+            cache.insert(phone, answer(phone), 1, 2);
+            assert!(cache.len() <= 4);
+            assert!(cache.get(2, 1, 3).is_some(), "2 stays while it is asked for");
+        }
+        assert_eq!(cache.len(), 4);
+        for cold in [0, 1, 3] {
+            assert_eq!(cache.get(cold, 1, 4), None, "{cold} went first");
+        }
+    }
+
+    #[test]
+    fn expired_entries_are_evicted_before_live_ones() {
+        let mut cache = cache(10, 2);
+        cache.insert(1, answer(1), 1, 0);
+        cache.insert(2, answer(2), 1, 9_000);
+        assert!(cache.get(1, 1, 1).is_some());
+        // At 10 s, 1 has expired though it was asked for; 2 has not.
+        cache.insert(3, answer(3), 1, 10_000);
+        assert_eq!(cache.get(1, 1, 10_001), None);
+        assert!(cache.get(2, 1, 10_001).is_some() && cache.get(3, 1, 10_001).is_some());
+    }
+
+    #[test]
+    fn changes_are_what_changed_since_last_taken_each_once() {
+        let mut cache = cache(600, 3);
+        cache.insert(1, answer(1), 1, 0);
+        cache.insert(2, answer(2), 1, 0);
+        cache.insert(1, answer(5), 1, 0);
+        let phones =
+            |changes: Vec<CachedPhone>| changes.into_iter().map(|c| (c.phone, c.stats.records)).collect::<Vec<_>>();
+        assert_eq!(phones(cache.take_changes(1, 1)), [(1, 5), (2, 2)]);
+        assert!(cache.take_changes(1, 1).is_empty());
+        cache.insert(3, answer(3), 1, 2);
+        cache.insert(4, answer(4), 1, 2);
+        let taken = phones(cache.take_changes(1, 3));
+        assert_eq!(taken.len(), 2, "{taken:?}");
+        assert!(taken.contains(&(4, 4)), "the new entry, in whichever slot it took");
+        assert!(cache.take_changes(2, 3).is_empty(), "nothing of another data version");
     }
 }

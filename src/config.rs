@@ -22,7 +22,7 @@ pub struct Setting {
 
 /// Every setting, in README order. Defaults are stated here and nowhere else in code;
 /// each number's accepted range is in [`Config::from_vars`] and the README.
-pub const SETTINGS: [Setting; 18] = [
+pub const SETTINGS: [Setting; 19] = [
     Setting { variable: "AMQP_URL", default: Some("amqp://guest:guest@127.0.0.1:5672/%2f"), help: "broker URL" },
     Setting { variable: "TASK_QUEUE", default: Some("task_report"), help: "queue tasks are consumed from" },
     Setting { variable: "REPORT_QUEUE", default: Some("ready_report"), help: "queue reports go to without reply_to" },
@@ -33,6 +33,11 @@ pub const SETTINGS: [Setting; 18] = [
     },
     Setting { variable: "DATA_PATH", default: Some("data/data.json"), help: "the call records" },
     Setting { variable: "CACHE_TTL_SECS", default: Some("600"), help: "cache TTL in seconds; 0 disables the cache" },
+    Setting {
+        variable: "CACHE_MAX_ENTRIES",
+        default: Some("100000"),
+        help: "the most phones cached (about 450 bytes each)",
+    },
     Setting { variable: "SNAPSHOT_PATH", default: Some("data/cache.snapshot"), help: "cache snapshot file" },
     Setting { variable: "SNAPSHOT_INTERVAL_MS", default: Some("1000"), help: "write-behind period of the snapshot" },
     Setting {
@@ -124,6 +129,8 @@ pub struct Config {
     pub data_path: PathBuf,
     /// Zero disables the cache.
     pub cache_ttl: Duration,
+    /// The most phones the cache holds.
+    pub cache_max_entries: NonZeroUsize,
     pub snapshot_path: PathBuf,
     pub snapshot_interval: Duration,
     pub data_poll_interval: Duration,
@@ -153,6 +160,7 @@ impl Config {
             dead_letter_queue: get("DEAD_LETTER_QUEUE").queue(255)?,
             data_path: get("DATA_PATH").path()?,
             cache_ttl: Duration::from_secs(get("CACHE_TTL_SECS").number(0, 31_536_000)?),
+            cache_max_entries: get("CACHE_MAX_ENTRIES").positive(1, 100_000_000, usize_non_zero)?,
             snapshot_path: get("SNAPSHOT_PATH").path()?,
             snapshot_interval: Duration::from_millis(get("SNAPSHOT_INTERVAL_MS").number(10, 3_600_000)?),
             data_poll_interval: Duration::from_millis(get("DATA_POLL_INTERVAL_MS").number(10, 3_600_000)?),
@@ -292,7 +300,7 @@ mod tests {
             (c.task_queue.as_str(), c.report_queue.as_str(), c.dead_letter_queue.as_str()),
             ("task_report", "ready_report", "task_report.dlq")
         );
-        assert_eq!(c.cache_ttl, Duration::from_secs(600));
+        assert_eq!((c.cache_ttl, c.cache_max_entries.get()), (Duration::from_secs(600), 100_000));
         assert_eq!(c.snapshot_interval, Duration::from_millis(1000));
         assert_eq!(c.data_poll_interval, Duration::from_millis(2000));
         assert_eq!((c.prefetch.get(), c.max_phones_per_task.get(), c.max_task_bytes.get()), (64, 10_000, 1_048_576));
@@ -368,6 +376,7 @@ mod tests {
     fn every_number_has_a_range_and_the_error_names_it() {
         for (variable, low, high) in [
             ("CACHE_TTL_SECS", "-1", "31536001"),
+            ("CACHE_MAX_ENTRIES", "0", "100000001"),
             ("SNAPSHOT_INTERVAL_MS", "9", "18446744073709551615"),
             ("DATA_POLL_INTERVAL_MS", "9", "3600001"),
             ("PREFETCH", "0", "65536"),

@@ -9,8 +9,9 @@
 use crate::cache::{Answer, Cache, CachedPhone};
 use crate::clock::Clock;
 use crate::compute;
-use crate::data::{Dataset, FileIdentity, StaleData};
+use crate::data::{Dataset, StaleData};
 use crate::metrics::{Metrics, source};
+use crate::snapshot::Delta;
 use crate::stats::CallStats;
 use ahash::AHashMap;
 use arc_swap::ArcSwap;
@@ -61,6 +62,8 @@ struct Inner {
     /// Called after entries are cached or dropped: wakes the snapshot writer. Must not
     /// block (it is called on pool threads).
     cache_changed: Box<dyn Fn() + Send + Sync>,
+    /// The most entries the cache holds (`CACHE_MAX_ENTRIES`).
+    cache_capacity: usize,
     /// Notified when a computation found the data changed under its index, so the
     /// reload watcher looks at the file now instead of at its next poll.
     stale: tokio::sync::Notify,
@@ -81,7 +84,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(
         dataset: Dataset,
-        ttl: Duration,
+        cache: CacheSettings,
         pool: Arc<rayon::ThreadPool>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
@@ -90,11 +93,12 @@ impl Engine {
         record_data_metrics(&metrics, &dataset);
         let inner = Inner {
             data: ArcSwap::from_pointee(Loaded { dataset, epoch: 1 }),
-            state: Mutex::new(State { cache: Cache::new(ttl), flights: AHashMap::new() }),
+            state: Mutex::new(State { cache: Cache::new(cache.ttl, cache.max_entries), flights: AHashMap::new() }),
             pool,
             clock,
             metrics,
             cache_changed,
+            cache_capacity: cache.max_entries,
             stale: tokio::sync::Notify::new(),
         };
         Engine { inner: Arc::new(inner) }
@@ -147,7 +151,7 @@ impl Engine {
                     hits += 1;
                 } else if loaded.dataset.index().spans(phone).is_empty() {
                     // Nothing to compute, and not cached: unknown phones cannot grow the cache.
-                    result[i] = Some(Answer::new(phone, CallStats::EMPTY));
+                    result[i] = Some(answer(phone, CallStats::EMPTY));
                     empty += 1;
                 } else {
                     let flight = match state.flights.get(&(epoch, phone)) {
@@ -169,10 +173,17 @@ impl Engine {
         metrics.phones_from(source::COMPUTED, owned.len() as u64);
         metrics.phones_from(source::SHARED, (waits.len() - owned.len()) as u64);
         if !owned.is_empty() {
-            let inner = Arc::clone(&self.inner);
-            // The computation publishes its own results, so it completes (and fills the
-            // cache for everyone) even if this task is dropped while waiting.
-            self.inner.pool.spawn(move || inner.compute_flights(&loaded, owned));
+            let phones: Vec<u64> = owned.iter().map(|(phone, _)| *phone).collect();
+            if compute::bytes_to_read(&loaded.dataset, &phones) <= compute::INLINE_BYTES {
+                // A few records (a phone book's phones have a handful each): reading them
+                // here costs less than the hop to the pool and back (see `compute`).
+                self.inner.compute_flights(&loaded, owned);
+            } else {
+                let inner = Arc::clone(&self.inner);
+                // The computation publishes its own results, so it completes (and fills
+                // the cache for everyone) even if this task is dropped while waiting.
+                self.inner.pool.spawn(move || inner.compute_flights(&loaded, owned));
+            }
         }
         for (i, mut flight) in waits {
             let done = flight.wait_for(Option::is_some).await.map_err(|_| EngineError::Abandoned)?;
@@ -189,23 +200,33 @@ impl Engine {
         run_on_pool(&self.inner.pool, work).await
     }
 
-    /// Puts back snapshot entries computed from the data being served.
+    /// Puts back snapshot entries computed from the data being served; returns how many
+    /// are cached afterwards.
     pub fn restore(&self, entries: &[CachedPhone]) -> usize {
         let epoch = self.current().epoch;
         let mut state = self.inner.state.lock();
-        let restored = state.cache.restore(entries, epoch, self.inner.clock.now_ms());
+        state.cache.restore(entries, epoch, self.inner.clock.now_ms(), |p| answer(p.phone, p.stats));
         self.inner.metrics.cache_entries.set(state.cache.len() as i64);
-        restored
+        state.cache.len()
     }
 
-    /// What the snapshot should hold now: the served file's identity and its live entries.
-    pub fn snapshot_contents(&self) -> (FileIdentity, Vec<CachedPhone>) {
+    /// What the snapshot should save now: the entries changed since the last call, of
+    /// the file being served. Under the lock every task takes, so it copies only what
+    /// changed.
+    pub fn snapshot_delta(&self) -> Delta {
         let loaded = self.current();
-        let now = self.inner.clock.now_ms();
+        let now_ms = self.inner.clock.now_ms();
         let mut state = self.inner.state.lock();
-        state.cache.purge(loaded.epoch, now);
-        self.inner.metrics.cache_entries.set(state.cache.len() as i64);
-        (loaded.dataset.identity(), state.cache.fresh_entries(loaded.epoch, now))
+        let entries = state.cache.take_changes(loaded.epoch, now_ms);
+        let capacity = self.inner.cache_capacity;
+        drop(state);
+        Delta { identity: loaded.dataset.identity(), entries, now_ms, capacity }
+    }
+
+    /// Every live cache entry (tests and tools; copies the whole cache under the lock).
+    pub fn cached(&self) -> Vec<CachedPhone> {
+        let loaded = self.current();
+        self.inner.state.lock().cache.fresh_entries(loaded.epoch, self.inner.clock.now_ms())
     }
 }
 
@@ -241,7 +262,7 @@ impl Inner {
         let current = self.data.load().epoch == loaded.epoch;
         // Report entries are serialised here, on the pool, once per computation.
         let answers: Result<Vec<Answer>, StaleData> =
-            computed.map(|all| land.phones.iter().zip(all).map(|(&phone, stats)| Answer::new(phone, stats)).collect());
+            computed.map(|all| land.phones.iter().zip(all).map(|(&phone, stats)| answer(phone, stats)).collect());
         let mut state = self.state.lock();
         for (k, (phone, sender)) in owned.iter().enumerate() {
             let result = answers.as_ref().map(|all| all[k].clone()).map_err(Clone::clone);
@@ -261,6 +282,19 @@ impl Inner {
             (self.cache_changed)();
         }
     }
+}
+
+/// How the engine caches: for how long, and how many phones at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// Zero disables the cache.
+    pub ttl: Duration,
+    pub max_entries: usize,
+}
+
+/// A phone's answer: its statistics and its report entry, serialised once.
+fn answer(phone: u64, stats: CallStats) -> Answer {
+    Answer { json: crate::message::phone_json(phone, &stats), stats }
 }
 
 /// Runs `work` on `pool` and waits for it without blocking the async runtime (the
@@ -314,7 +348,8 @@ mod tests {
         let data = dataset(dir, &rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
         let metrics = Arc::new(Metrics::new());
         let clock = Arc::new(ManualClock::new(1_000));
-        (Engine::new(data, ttl, pool, clock, Arc::clone(&metrics), Box::new(|| {})), metrics)
+        let cache = CacheSettings { ttl, max_entries: 1_000 };
+        (Engine::new(data, cache, pool, clock, Arc::clone(&metrics), Box::new(|| {})), metrics)
     }
 
     #[tokio::test]
@@ -366,6 +401,6 @@ mod tests {
         assert_eq!(engine.replace(Dataset::open(&path, &pool).unwrap()), 2);
         assert_eq!(engine.stats(&[1]).await.unwrap()[0].stats.records, 1);
         assert_eq!(metrics.phones_with(source::CACHE), 0, "the old entry was never served");
-        assert_eq!(engine.snapshot_contents().1.len(), 1);
+        assert_eq!(engine.cached().len(), 1);
     }
 }

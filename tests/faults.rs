@@ -168,16 +168,17 @@ async fn broken_snapshots_never_stop_the_service() {
     let client = Client::new(&names).await;
     let mut reports = client.consume(&names.reports).await;
     let older_version = {
-        let mut bytes = report_service::snapshot::encode(&report_service::snapshot::Snapshot {
+        let mut bytes = report_service::snapshot::encode_base(&report_service::snapshot::Base {
+            generation: 1,
             identity: report_service::data::FileIdentity { device: 0, inode: 0, len: 0, modified_ns: 0 },
             written_ms: 0,
             entries: vec![],
         });
-        bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
         bytes
     };
     let cases: [(&str, Option<Vec<u8>>); 5] = [
-        ("truncated", Some(b"RSCACHE\0\x01\x00\x00\x00short".to_vec())),
+        ("truncated", Some(b"RSCACHE\0\x02\x00\x00\x00short".to_vec())),
         ("garbage", Some(b"\x00\x01 not a snapshot at all".to_vec())),
         ("older format version", Some(older_version)),
         ("unreadable (a directory)", None),

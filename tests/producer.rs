@@ -36,6 +36,7 @@ async fn a_load_test_against_the_service_counts_every_answer() {
         concurrency: 32,
         phones_per_task: 10,
         phone_max: 250,
+        phone_base: 0,
         hot_set: None,
         disjoint: false,
         idle_timeout: Duration::from_secs(30),

@@ -415,3 +415,33 @@ async fn snapshot_temporaries_left_by_a_crash_are_removed_at_startup() {
     assert!(young.exists(), "a write that may be in progress is left alone");
     service.stop().await.unwrap();
 }
+
+/// The cache never holds more than `CACHE_MAX_ENTRIES` phones; phones asked for again
+/// stay while one-off phones are evicted; every answer stays right.
+#[tokio::test]
+async fn the_cache_is_bounded_by_its_entry_limit_and_keeps_the_phones_asked_for_again() {
+    let names = Names::unique("bounded");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 40, 100);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let service = start_service(
+        &names,
+        &data,
+        dir.path(),
+        &[("CACHE_MAX_ENTRIES", "4"), ("PREFETCH", "1")],
+        Arc::new(SystemClock),
+    )
+    .await;
+    let metrics = Arc::clone(service.metrics());
+    // Phone 1 is asked for with every task; the others once each.
+    for (id, cold) in (10..30u64).enumerate() {
+        client.send(&task(json!(id), &[1, cold])).await;
+        let (report, _) = next_json(&mut reports).await;
+        assert_eq!(report["data"], expected_data(&records, &[1, cold]));
+        assert!(metrics.cache_entries.get() <= 4, "{} entries", metrics.cache_entries.get());
+    }
+    assert_eq!(metrics.phones_with(source::CACHE), 19, "phone 1 was computed once and then always hit");
+    assert_eq!(metrics.phones_with(source::COMPUTED), 21);
+    service.stop().await.unwrap();
+}

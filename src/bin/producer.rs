@@ -41,9 +41,11 @@ enum Command {
         concurrency: usize,
         #[arg(long, default_value_t = 10)]
         phones_per_task: usize,
-        /// Phones are drawn from 0..PHONE_MAX...
+        /// Phones are drawn from PHONE_BASE..PHONE_BASE+PHONE_MAX...
         #[arg(long, default_value_t = 200)]
         phone_max: u64,
+        #[arg(long, default_value_t = 0)]
+        phone_base: u64,
         /// ...or from 0..HOT_SET (a warm cache).
         #[arg(long)]
         hot_set: Option<u64>,
@@ -121,12 +123,24 @@ async fn run(command: Command, config: Config) -> Result<()> {
             );
             Ok(())
         }
-        Command::Load { tasks, concurrency, phones_per_task, phone_max, hot_set, disjoint, timeout, seed, json } => {
+        Command::Load {
+            tasks,
+            concurrency,
+            phones_per_task,
+            phone_max,
+            phone_base,
+            hot_set,
+            disjoint,
+            timeout,
+            seed,
+            json,
+        } => {
             let options = LoadOptions {
                 tasks,
                 concurrency,
                 phones_per_task,
                 phone_max,
+                phone_base,
                 hot_set,
                 disjoint,
                 idle_timeout: Duration::from_secs(timeout),

@@ -96,14 +96,9 @@ async fn one_report(config: Config, data: PathBuf, phones: Vec<u64>, correlation
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(config.worker_threads.get()).build()?);
     let dataset = app::load(&data, &pool).await?;
     let metrics = Arc::new(report_service::metrics::Metrics::new());
-    let engine = report_service::engine::Engine::new(
-        dataset,
-        Duration::ZERO,
-        pool,
-        Arc::new(SystemClock),
-        metrics,
-        Box::new(|| {}),
-    );
+    let cache = report_service::engine::CacheSettings { ttl: Duration::ZERO, max_entries: 1 };
+    let engine =
+        report_service::engine::Engine::new(dataset, cache, pool, Arc::new(SystemClock), metrics, Box::new(|| {}));
     let (received, started) = (SystemTime::now(), Instant::now());
     let phones = dedup_phones(phones);
     let answers = engine.stats(&phones).await?;

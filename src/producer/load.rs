@@ -18,8 +18,11 @@ pub struct LoadOptions {
     pub tasks: u64,
     pub concurrency: usize,
     pub phones_per_task: usize,
-    /// Phones are drawn from `0..phone_max`...
+    /// Phones are drawn from `phone_base..phone_base + phone_max`...
     pub phone_max: u64,
+    /// The first phone number of the range (79000000000 for `datagen --layout
+    /// many-phones --phone-base 79000000000`).
+    pub phone_base: u64,
     /// ...or from `0..hot_set` when set (a warm cache).
     pub hot_set: Option<u64>,
     /// Task `i` asks for phones `i*K .. (i+1)*K` (mod the range) instead of random ones:
@@ -191,7 +194,7 @@ pub async fn load(client: &Client, options: LoadOptions, progress: &ProgressBar)
 fn disjoint_phones(id: u64, options: &LoadOptions) -> Vec<u64> {
     let range = options.hot_set.unwrap_or(options.phone_max).max(1);
     let k = options.phones_per_task as u64;
-    (0..k).map(|j| (id * k + j) % range).collect()
+    (0..k).map(|j| options.phone_base + (id * k + j) % range).collect()
 }
 
 /// `phones_per_task` distinct phones (when the range allows) from the configured range.
@@ -203,7 +206,7 @@ fn pick_phones(rng: &mut u64, options: &LoadOptions) -> Vec<u64> {
         *rng ^= *rng << 13;
         *rng ^= *rng >> 7;
         *rng ^= *rng << 17;
-        let phone = *rng % range;
+        let phone = options.phone_base + *rng % range;
         if !phones.contains(&phone) || phones.len() as u64 >= range {
             phones.push(phone);
         }
@@ -222,6 +225,7 @@ mod tests {
             concurrency: 1,
             phones_per_task: 10,
             phone_max: 200,
+            phone_base: 0,
             hot_set: Some(12),
             disjoint: false,
             idle_timeout: Duration::from_secs(1),
@@ -246,6 +250,7 @@ mod tests {
             concurrency: 10,
             phones_per_task: 10,
             phone_max: 200,
+            phone_base: 0,
             hot_set: None,
             disjoint: true,
             idle_timeout: Duration::from_secs(1),

@@ -87,6 +87,33 @@ pub struct PhoneIndex {
     summary: IndexSummary,
 }
 
+/// The position of `phone` in `phones` (ascending), by interpolation: a bucket holds
+/// phones spread over the whole number range (a hash chose them), so the position is
+/// well predicted by the value, and a few probes replace a binary search's dozen cache
+/// misses on a bucket of 30,000 phones. Skewed values only make it fall back sooner to
+/// the binary search it ends with.
+#[inline]
+fn find(phones: &[u64], phone: u64) -> Option<usize> {
+    let (mut low, mut high) = (0usize, phones.len());
+    for _ in 0..4 {
+        if high - low <= 32 {
+            break;
+        }
+        let (first, last) = (phones[low], phones[high - 1]);
+        if phone < first || phone > last {
+            return None;
+        }
+        let width = (last - first) as u128;
+        let guess = low + ((u128::from(phone - first) * (high - 1 - low) as u128) / width.max(1)) as usize;
+        match phones[guess].cmp(&phone) {
+            std::cmp::Ordering::Equal => return Some(guess),
+            std::cmp::Ordering::Less => low = guess + 1,
+            std::cmp::Ordering::Greater => high = guess,
+        }
+    }
+    phones[low..high].binary_search(&phone).ok().map(|i| low + i)
+}
+
 /// The bucket of `phone` among `1 << bits` (Fibonacci hashing: consecutive numbers, the
 /// usual shape of a phone book, spread evenly).
 #[inline]
@@ -101,7 +128,7 @@ impl PhoneIndex {
         let (Some(&first), Some(&end)) = (self.buckets.get(bucket), self.buckets.get(bucket + 1)) else {
             return &[];
         };
-        let Some(Ok(i)) = self.phones.get(first..end).map(|phones| phones.binary_search(&phone)) else {
+        let Some(i) = self.phones.get(first..end).and_then(|phones| find(phones, phone)) else {
             return &[];
         };
         match (self.starts.get(first + i), self.starts.get(first + i + 1)) {
@@ -117,5 +144,25 @@ impl PhoneIndex {
     /// Every indexed phone (grouped by bucket, so not in numeric order).
     pub fn phones(&self) -> &[u64] {
         &self.phones
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpolation_finds_every_phone_and_nothing_else() {
+        let uniform: Vec<u64> = (0..50_000u64).map(|i| 79_000_000_000 + i * 199).collect();
+        let skewed: Vec<u64> = (0..5_000u64).map(|i| i * i * i).chain([u64::MAX - 1, u64::MAX]).collect();
+        for phones in [uniform, skewed, vec![5], vec![]] {
+            for (i, &phone) in phones.iter().enumerate() {
+                assert_eq!(find(&phones, phone), Some(i), "{phone}");
+                if phone > 0 && phones.binary_search(&(phone - 1)).is_err() {
+                    assert_eq!(find(&phones, phone - 1), None);
+                }
+            }
+            assert_eq!(find(&phones, u64::MAX - 2), None);
+        }
     }
 }
