@@ -157,10 +157,17 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let sweeper = Sweeper::new(&pipeline.topology, &pipeline.instance);
     let serve = service::serve(pipeline, Arc::clone(&health), sweeper, Arc::clone(&shutdown));
     let (reload_events, reloads) = watch::channel(Reloads::default());
+    let reload_pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|i| format!("report-reload-{i}"))
+            .build()
+            .context("cannot start the reload thread")?,
+    );
+    let watch = reload::Watch { path: config.data_path.clone(), every: config.data_poll_interval, pool: reload_pool };
     let watcher = tokio::spawn(reload::watch_data(
         engine.clone(),
-        config.data_path.clone(),
-        config.data_poll_interval,
+        watch,
         Arc::clone(&metrics),
         reload_events,
         shutdown.token().clone(),

@@ -1,11 +1,15 @@
 //! Following data.json: every `DATA_POLL_INTERVAL_MS` (and at once when a computation
 //! finds the file changed in place) the file's identity is compared with the one being
-//! served; a new file is indexed on the pool and swapped in whole.
+//! served; a new file is indexed in the background and swapped in whole.
 //!
 //! The contract for whoever produces data.json is "write a new file, rename it over the
 //! old one": the rename is atomic, the old mapping stays valid until its last report is
-//! done, and the new file is indexed while the old one keeps serving. A replacement that
-//! fails to index is logged and counted, the old data keeps serving, and the watcher
+//! done, and the new file is indexed while the old one keeps serving. A file that is
+//! still being written (copied into place rather than renamed) keeps changing size and
+//! mtime, so a new identity must hold still for [`Settling::SETTLE`] (or one poll, if
+//! shorter) before it is indexed. The index build runs on a pool of its own (one thread),
+//! so a reload never queues ahead of cache misses on the statistics pool. A replacement
+//! that fails to index is logged and counted, the old data keeps serving, and the watcher
 //! tries again only when the file changes again.
 
 use crate::data::{Dataset, FileIdentity};
@@ -25,26 +29,99 @@ pub struct Reloads {
     pub failed: u64,
 }
 
-/// Polls `path` until `shutdown`, swapping replacements into `engine`.
+/// Where the watcher looks and what it uses.
+#[derive(Debug)]
+pub struct Watch {
+    pub path: PathBuf,
+    pub every: Duration,
+    /// Indexes replacements; its own threads, not the statistics pool's.
+    pub pool: Arc<rayon::ThreadPool>,
+}
+
+/// Whether a new identity has held still long enough to be indexed. Pure: the caller
+/// feeds it what it sees and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settling {
+    /// The new identity last seen, and since when.
+    candidate: Option<(FileIdentity, Instant)>,
+    settle: Duration,
+}
+
+/// What to do about the file now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Nothing new (the served file, or one that already failed).
+    Nothing,
+    /// Changed, but not long enough ago: look again at this instant.
+    LookAgainAt(Instant),
+    /// Unchanged for the settle time: index it.
+    Index(FileIdentity),
+}
+
+impl Settling {
+    /// A file must hold still this long before it is indexed (or one poll interval,
+    /// whichever is shorter).
+    pub const SETTLE: Duration = Duration::from_millis(500);
+
+    pub fn new(poll: Duration) -> Settling {
+        Settling { candidate: None, settle: poll.min(Settling::SETTLE) }
+    }
+
+    /// `seen` at `now`, where `served` is the identity being served and `failed` the
+    /// last one that could not be indexed.
+    pub fn observe(
+        &mut self,
+        seen: FileIdentity,
+        served: FileIdentity,
+        failed: Option<FileIdentity>,
+        now: Instant,
+    ) -> Settled {
+        if seen == served || Some(seen) == failed {
+            self.candidate = None;
+            return Settled::Nothing;
+        }
+        match self.candidate {
+            Some((candidate, since)) if candidate == seen => {
+                if now.duration_since(since) >= self.settle {
+                    self.candidate = None;
+                    Settled::Index(seen)
+                } else {
+                    Settled::LookAgainAt(since + self.settle)
+                }
+            }
+            _ => {
+                self.candidate = Some((seen, now));
+                Settled::LookAgainAt(now + self.settle)
+            }
+        }
+    }
+}
+
+/// Polls the file until `shutdown`, swapping replacements into `engine`.
 pub async fn watch_data(
     engine: Engine,
-    path: PathBuf,
-    every: Duration,
+    watch: Watch,
     metrics: Arc<Metrics>,
     events: watch::Sender<Reloads>,
     shutdown: CancellationToken,
 ) {
+    let Watch { path, every, pool } = watch;
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The last replacement that failed to index: not retried until the file changes.
     let mut failed: Option<FileIdentity> = None;
+    let mut settling = Settling::new(every);
+    let mut look_again: Option<Instant> = None;
     let mut missing_logged = false;
     loop {
+        let look_again_at = look_again.unwrap_or_else(|| Instant::now() + every);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+            _ = tokio::time::sleep_until(look_again_at.into()), if look_again.is_some() => {}
             _ = engine.stale_data() => warn!("data.json changed under the index (edited in place?); checking it now"),
         }
+        look_again = None;
         let seen = match FileIdentity::of_path(&path) {
             Ok(identity) => {
                 missing_logged = false;
@@ -58,17 +135,23 @@ pub async fn watch_data(
                 continue;
             }
         };
-        if seen == engine.current().dataset.identity() || Some(seen) == failed {
-            continue;
-        }
+        let served = engine.current().dataset.identity();
+        let seen = match settling.observe(seen, served, failed, Instant::now()) {
+            Settled::Nothing => continue,
+            Settled::LookAgainAt(at) => {
+                look_again = Some(at);
+                continue;
+            }
+            Settled::Index(seen) => seen,
+        };
         info!(path = %path.display(), bytes = seen.len, "data.json changed; indexing the new file in the background");
         let started = Instant::now();
-        let (open_path, pool) = (path.clone(), Arc::clone(engine.pool()));
+        let (open_path, build_pool) = (path.clone(), Arc::clone(&pool));
         // Shutdown does not wait for an index build: the pool job is left to finish (or
         // die with the process) and its result is dropped.
         let built = tokio::select! {
             _ = shutdown.cancelled() => return,
-            built = engine.run_blocking(move || Dataset::open(&open_path, &pool)) => built,
+            built = crate::engine::run_on_pool(&pool, move || Dataset::open(&open_path, &build_pool)) => built,
         };
         match built {
             Ok(Ok(dataset)) => {
@@ -93,5 +176,40 @@ pub async fn watch_data(
             }
             Err(error) => error!(%error, "the reload was abandoned; retrying at the next poll"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(len: u64) -> FileIdentity {
+        FileIdentity { device: 1, inode: 2, len, modified_ns: len as i128 }
+    }
+
+    /// A file still being written (its size changing at every look) is never indexed;
+    /// once it holds still for the settle time, it is.
+    #[test]
+    fn a_file_is_indexed_only_once_it_holds_still() {
+        let mut settling = Settling::new(Duration::from_secs(2));
+        let t0 = Instant::now();
+        let served = identity(1);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(settling.observe(served, served, None, at(0)), Settled::Nothing);
+        assert_eq!(settling.observe(identity(10), served, None, at(0)), Settled::LookAgainAt(at(500)));
+        assert_eq!(settling.observe(identity(20), served, None, at(500)), Settled::LookAgainAt(at(1_000)), "grew");
+        assert_eq!(settling.observe(identity(20), served, None, at(700)), Settled::LookAgainAt(at(1_000)));
+        assert_eq!(settling.observe(identity(20), served, None, at(1_000)), Settled::Index(identity(20)));
+        assert_eq!(
+            settling.observe(identity(30), served, Some(identity(30)), at(2_000)),
+            Settled::Nothing,
+            "failed before"
+        );
+        let mut fast = Settling::new(Duration::from_millis(20));
+        assert_eq!(
+            fast.observe(identity(10), served, None, at(0)),
+            Settled::LookAgainAt(at(20)),
+            "a shorter poll settles sooner"
+        );
     }
 }
