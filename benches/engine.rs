@@ -1,11 +1,17 @@
-//! Engine benchmarks: index build, cold aggregation, report serialisation.
+//! Engine benchmarks: index build, cold aggregation, report serialisation, task parsing,
+//! on the three shapes of data: the reference layout (grouped by phone), the same records
+//! in time order (`shuffled`), and a phone book of millions of numbers (`many_phones`).
 //!
 //! By default the data is generated at startup (fixed seed) into a temporary directory:
-//! 20 phones x 100,000 records in the reference layout (131 MB), so a 10-phone report does
-//! exactly the work it does on the reference file. To run on the full reference file:
+//! 20 phones x 100,000 records grouped and shuffled (131 MB each), so a 10-phone report
+//! does exactly the work it does on the reference file, and 1 M numbers x 2 calls for the
+//! phone book. To run on the full-size files, put them in one directory:
 //!
-//!     cargo run --release --bin datagen            # writes data/data.json (1.31 GB)
-//!     BENCH_DATA=data/data.json cargo bench --bench engine
+//!     cargo run --release --bin datagen -- --out /data/data.json
+//!     cargo run --release --bin datagen -- --layout shuffled --out /data/shuffled.json
+//!     cargo run --release --bin datagen -- --layout many-phones --phones 10000000 \
+//!         --per-phone 2 --phone-base 79000000000 --out /data/many-phones.json
+//!     BENCH_DATA=/data cargo bench --bench engine
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use report_service::clock::SystemClock;
@@ -25,22 +31,43 @@ const TEN_PHONES: [u64; 10] = [1, 2, 3, 5, 11, 17, 19, 13, 7, 9];
 
 struct Fixture {
     path: PathBuf,
+    /// Ten phones with records in this file.
+    phones: [u64; 10],
     /// Keeps the generated file alive for the whole run.
     _dir: Option<tempfile::TempDir>,
 }
 
+/// The first phone number of the phone-book fixture and file.
+const BOOK_BASE: u64 = 79_000_000_000;
+
+/// The fixture of `layout`: `$BENCH_DATA/<name>` when set, else generated.
 fn fixture(layout: Layout) -> Fixture {
-    if let Some(path) = std::env::var_os("BENCH_DATA").filter(|_| layout == Layout::Sorted) {
-        return Fixture { path: path.into(), _dir: None };
+    let (name, options) = match layout {
+        Layout::ManyPhones => (
+            "many-phones.json",
+            Options { phones: 1_000_000, per_phone: 2, phone_base: BOOK_BASE, layout, ..Options::default() },
+        ),
+        Layout::Shuffled => ("shuffled.json", Options { phones: 20, per_phone: 100_000, layout, ..Options::default() }),
+        _ => ("data.json", Options { phones: 20, per_phone: 100_000, layout, ..Options::default() }),
+    };
+    // Phones of the book drawn with a fixed stride (most have a record or two).
+    let phones = match layout {
+        Layout::ManyPhones => std::array::from_fn(|i| BOOK_BASE + 7_919 * i as u64),
+        _ => TEN_PHONES,
+    };
+    if let Some(dir) = std::env::var_os("BENCH_DATA") {
+        return Fixture { path: PathBuf::from(dir).join(name), phones, _dir: None };
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("data.json");
-    let options = Options { phones: 20, per_phone: 100_000, layout, ..Options::default() };
+    let path = dir.path().join(name);
     let mut out = std::io::BufWriter::new(std::fs::File::create(&path).expect("create fixture"));
     datagen::generate(&options, &mut out, &|_| {}).expect("write fixture");
     drop(out);
-    Fixture { path, _dir: Some(dir) }
+    Fixture { path, phones, _dir: Some(dir) }
 }
+
+const SHAPES: [(&str, Layout); 3] =
+    [("sorted", Layout::Sorted), ("shuffled", Layout::Shuffled), ("many_phones", Layout::ManyPhones)];
 
 fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool")
@@ -49,7 +76,7 @@ fn pool(threads: usize) -> rayon::ThreadPool {
 fn index_build(c: &mut Criterion) {
     let mut group = c.benchmark_group("index_build");
     group.sample_size(10).measurement_time(Duration::from_secs(10));
-    for (name, layout) in [("sorted", Layout::Sorted), ("shuffled", Layout::Shuffled)] {
+    for (name, layout) in SHAPES {
         let fixture = fixture(layout);
         let bytes = std::fs::read(&fixture.path).expect("read fixture");
         group.throughput(Throughput::Bytes(bytes.len() as u64));
@@ -63,17 +90,21 @@ fn index_build(c: &mut Criterion) {
     group.finish();
 }
 
+/// Ten phones, all computed (no cache): every record of each read from the mapping.
 fn cold_report(c: &mut Criterion) {
-    let fixture = fixture(Layout::Sorted);
     let mut group = c.benchmark_group("ten_phones_cold");
-    for threads in [1, 2] {
-        let pool = pool(threads);
-        let dataset = Dataset::open(&fixture.path, &pool).expect("valid fixture");
-        let records: u64 = compute(&dataset, &TEN_PHONES, &pool).expect("compute").iter().map(|s| s.records).sum();
-        group.throughput(Throughput::Elements(records));
-        group.bench_function(format!("{threads}_threads"), |b| {
-            b.iter(|| compute(&dataset, black_box(&TEN_PHONES), &pool).expect("compute"))
-        });
+    for (name, layout) in SHAPES {
+        let fixture = fixture(layout);
+        for threads in [1, 2] {
+            let pool = pool(threads);
+            let dataset = Dataset::open(&fixture.path, &pool).expect("valid fixture");
+            let phones = fixture.phones;
+            let records: u64 = compute(&dataset, &phones, &pool).expect("compute").iter().map(|s| s.records).sum();
+            group.throughput(Throughput::Elements(records.max(1)));
+            group.bench_function(BenchmarkId::new(name, format!("{threads}_threads")), |b| {
+                b.iter(|| compute(&dataset, black_box(&phones), &pool).expect("compute"))
+            });
+        }
     }
     group.finish();
 }

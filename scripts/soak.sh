@@ -3,10 +3,14 @@
 # SOAK_MINUTES while sampling the worker's resident memory and open file descriptors,
 # and fails if either keeps growing after the warm-up.
 #
-#   scripts/soak.sh                       # 10 minutes
+#   scripts/soak.sh                       # 10 minutes on data/data.json
 #   SOAK_MINUTES=60 scripts/soak.sh       # longer
+#   SOAK_DATA=/data/many-phones.json SOAK_PHONE_BASE=79000000000 SOAK_PHONE_MAX=10000000 \
+#       CACHE_MAX_ENTRIES=100000 scripts/soak.sh   # a phone book: almost every phone a miss
 #
-# Needs RabbitMQ on 127.0.0.1:5672 and data/data.json (cargo run --release --bin datagen).
+# Needs RabbitMQ on 127.0.0.1:5672 and the data (data/data.json by default:
+# cargo run --release --bin datagen). The worker's other settings come from the
+# environment (CACHE_MAX_ENTRIES, PREFETCH, ...).
 # Samples go to target/soak/samples.csv (seconds, rss_kib, anon_kib, fds, answered):
 # RSS includes the mapped data.json pages; RssAnon is the heap, where a leak would show.
 set -euo pipefail
@@ -21,37 +25,47 @@ export TASK_QUEUE=soak_tasks REPORT_QUEUE=soak_reports DEAD_LETTER_QUEUE=soak_dl
 OUT=target/soak
 mkdir -p "$OUT"
 
-cargo build --release --bins
-[ -f data/data.json ] || ./target/release/datagen
+DATA=${SOAK_DATA:-data/data.json}
+PHONE_MAX=${SOAK_PHONE_MAX:-250}
+PHONE_BASE=${SOAK_PHONE_BASE:-0}
 
-SNAPSHOT_PATH="$OUT/cache.snapshot" HTTP_ADDR=127.0.0.1:9393 RUST_LOG=warn \
+cargo build --release --bins
+[ -f "$DATA" ] || ./target/release/datagen --out "$DATA"
+rm -f "$OUT"/cache.snapshot*
+
+DATA_PATH="$DATA" SNAPSHOT_PATH="$OUT/cache.snapshot" HTTP_ADDR=127.0.0.1:9393 RUST_LOG=warn \
     ./target/release/report-service > "$OUT/worker.log" 2>&1 &
 WORKER=$!
 trap 'kill $WORKER 2>/dev/null || true; kill $LOAD 2>/dev/null || true' EXIT
 until curl -sf http://127.0.0.1:9393/health > /dev/null; do sleep 0.2; done
 
-# Load: back-to-back runs of 20,000 tasks at concurrency 64 over 250 phones (200 known,
-# 50 unknown), until the deadline. Each run must pass (every task answered, no errors).
+# Load: back-to-back runs of 20,000 tasks at concurrency 64 over PHONE_MAX phones from
+# PHONE_BASE (by default 250: the reference's 200 and 50 unknown), until the deadline.
+# Each run must pass (every task answered, no errors).
 (
     end=$(( $(date +%s) + MINUTES * 60 ))
     run=0
     while [ "$(date +%s)" -lt "$end" ]; do
         run=$((run + 1))
-        ./target/release/producer load --tasks 20000 --concurrency 64 --phone-max 250 --seed "$run" --json \
+        ./target/release/producer load --tasks 20000 --concurrency 64 --phone-max "$PHONE_MAX" \
+            --phone-base "$PHONE_BASE" --seed "$run" --json \
             >> "$OUT/load.jsonl" 2>/dev/null || { echo "load run $run failed" >&2; exit 1; }
     done
 ) &
 LOAD=$!
 
-echo "seconds,rss_kib,anon_kib,fds,answered" > "$OUT/samples.csv"
+rm -f "$OUT/load.jsonl"
+echo "seconds,rss_kib,anon_kib,fds,answered,cache_entries" > "$OUT/samples.csv"
 start=$(date +%s)
 while kill -0 $LOAD 2>/dev/null; do
     now=$(( $(date +%s) - start ))
     rss=$(awk '/VmRSS/ {print $2}' /proc/$WORKER/status)
     anon=$(awk '/RssAnon/ {print $2}' /proc/$WORKER/status)
     fds=$(ls /proc/$WORKER/fd | wc -l)
-    answered=$(curl -s http://127.0.0.1:9393/metrics | awk '/^report_service_tasks_total\{outcome="answered"\}/ {print $2}')
-    echo "$now,$rss,$anon,$fds,${answered:-0}" >> "$OUT/samples.csv"
+    metrics=$(curl -s http://127.0.0.1:9393/metrics)
+    answered=$(awk '/^report_service_tasks_total\{outcome="answered"\}/ {print $2}' <<< "$metrics")
+    cached=$(awk '/^report_service_cache_entries / {print $2}' <<< "$metrics")
+    echo "$now,$rss,$anon,$fds,${answered:-0},${cached:-0}" >> "$OUT/samples.csv"
     sleep "$SAMPLE_SECS"
 done
 wait $LOAD
@@ -67,6 +81,7 @@ print(f"{len(rows)} samples over {rows[-1]['seconds']} s; answered {last['answer
 print(f"RssAnon after warm-up {base['anon_kib']} KiB, max {max(int(r['anon_kib']) for r in warm)} KiB (+{rss_growth} KiB), end {last['anon_kib']} KiB")
 print(f"RSS (with mapped data.json pages) after warm-up {base['rss_kib']} KiB, end {last['rss_kib']} KiB")
 print(f"fds after warm-up {base['fds']}, max {max(int(r['fds']) for r in warm)} (+{fd_growth})")
+print(f"cache entries after warm-up {base['cache_entries']}, end {last['cache_entries']}")
 if rss_growth > int(sys.argv[3]) or fd_growth > int(sys.argv[4]):
     sys.exit("FAIL: resource growth beyond the allowance")
 print("PASS")

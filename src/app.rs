@@ -216,6 +216,7 @@ pub async fn load(path: &Path, pool: &Arc<rayon::ThreadPool>) -> anyhow::Result<
         .await
         .context("the index build was abandoned")?
         .with_context(|| format!("cannot use DATA_PATH={}", path.display()))?;
+    crate::heap::release_free_memory();
     let summary = dataset.index().summary();
     info!(
         path = %path.display(),

@@ -36,7 +36,7 @@ pub const SETTINGS: [Setting; 19] = [
     Setting {
         variable: "CACHE_MAX_ENTRIES",
         default: Some("100000"),
-        help: "the most phones cached (about 450 bytes each)",
+        help: "the most phones cached (about 440 bytes each)",
     },
     Setting { variable: "SNAPSHOT_PATH", default: Some("data/cache.snapshot"), help: "cache snapshot file" },
     Setting { variable: "SNAPSHOT_INTERVAL_MS", default: Some("1000"), help: "write-behind period of the snapshot" },

@@ -17,7 +17,7 @@
 //! - [`service`]: the task pipeline, the ack decision and the consume loop.
 //! - [`app`]: wiring from a [`config::Config`] to a running service.
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: what operators see.
-//! - [`config`], [`clock`], [`shutdown`], [`stack`]: inputs and process set-up.
+//! - [`config`], [`clock`], [`shutdown`], [`stack`], [`heap`]: inputs and process set-up.
 //! - [`datagen`]: deterministic data.json generation for tests, benches and users.
 //! - [`producer`]: the client side: send, sample tasks, load test, echo baseline.
 //!
@@ -35,6 +35,7 @@ pub mod datagen;
 pub mod dead_letter;
 pub mod engine;
 pub mod health;
+pub mod heap;
 pub mod http;
 pub mod message;
 pub mod metrics;

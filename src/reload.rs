@@ -156,6 +156,7 @@ pub async fn watch_data(
         match built {
             Ok(Ok(dataset)) => {
                 let summary = dataset.index().summary();
+                crate::heap::release_free_memory();
                 let epoch = engine.replace(dataset);
                 failed = None;
                 metrics.data_reloads.inc();

@@ -1,0 +1,58 @@
+//! Heap per cached phone, measured:
+//!
+//!     cargo run --release --example cache_memory
+//!
+//! Fills a cache of 100,000 entries with real report entries (11-digit phones, full
+//! statistics) through a counting allocator, and prints the heap it holds per entry.
+
+use report_service::cache::{Answer, Cache};
+use report_service::message::phone_json;
+use report_service::stats::CallStats;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+struct Counting;
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts bytes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        CURRENT.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn main() {
+    const ENTRIES: u64 = 100_000;
+    let mut stats = CallStats::EMPTY;
+    for seconds in [0i64, 7, 12, 31, 59, 120] {
+        stats.record(1_684_957_028_364, 1_684_957_028_364 + seconds * 1000);
+    }
+    let before = CURRENT.load(Ordering::Relaxed);
+    let mut cache = Cache::new(Duration::from_secs(600), ENTRIES as usize);
+    for i in 0..ENTRIES {
+        let phone = 79_161_234_567 + i;
+        cache.insert(phone, Answer { stats, json: phone_json(phone, &stats) }, 1, 0);
+    }
+    // What the snapshot takes, so the change list is empty as in a running service.
+    let changes = cache.take_changes(1, 0).len();
+    let held = CURRENT.load(Ordering::Relaxed) - before;
+    println!(
+        "{} entries ({changes} changes taken): heap {:.1} MiB, {:.0} bytes per cached phone",
+        cache.len(),
+        held as f64 / (1 << 20) as f64,
+        held as f64 / ENTRIES as f64
+    );
+}

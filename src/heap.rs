@@ -1,0 +1,19 @@
+//! Giving the index build's peak back to the operating system.
+//!
+//! Building the index of a time-ordered file or a phone book holds each span's phone
+//! beside it until its bucket is grouped: a peak of about 24 bytes per record. Freed, that
+//! memory stays with glibc's allocator (its arenas keep chunks for reuse) and counts as
+//! the process's resident heap: on 20 M records over 8.6 M phones the service sat at
+//! 565 MB resident after startup where the index keeps 299 MB. Trimming after a build
+//! returns it: 293 MB.
+
+/// Returns the allocator's free memory to the operating system (glibc; elsewhere a
+/// no-op). Best effort, and cheap next to the build it follows.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only hands free pages back to the kernel; glibc documents
+    // it as thread-safe (it takes each arena's lock), and no pointer of ours is involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
