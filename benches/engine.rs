@@ -14,13 +14,13 @@
 //!     BENCH_DATA=/data cargo bench --bench engine
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use report_service::clock::SystemClock;
 use report_service::compute::compute;
 use report_service::data::{Dataset, PhoneIndex};
 use report_service::datagen::{self, Layout, Options};
 use report_service::engine::{CacheSettings, Engine};
 use report_service::message::{CorrelationId, Limits, PhoneReport, Report, complete_report_json, parse_task};
-use report_service::metrics::{Metrics, source};
+use report_service::metrics::{Metrics, Source};
+use report_service::pool::WorkerPool;
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -113,17 +113,13 @@ fn cold_report(c: &mut Criterion) {
 /// after the task is parsed).
 fn warm_report(c: &mut Criterion) {
     let fixture = fixture(Layout::Sorted);
-    let pool = Arc::new(pool(2));
-    let dataset = Dataset::open(&fixture.path, &pool).expect("valid fixture");
+    let pool = WorkerPool::new("bench", 2).expect("pool");
+    let dataset = Dataset::open(&fixture.path, pool.threads()).expect("valid fixture");
     let metrics = Arc::new(Metrics::new());
-    let engine = Engine::new(
-        dataset,
-        CacheSettings { ttl: Duration::from_secs(600), max_entries: 1_000 },
-        pool,
-        Arc::new(SystemClock),
-        Arc::clone(&metrics),
-        Box::new(|| {}),
-    );
+    let engine = Engine::builder(dataset, pool)
+        .cache(CacheSettings { ttl: Duration::from_secs(600), max_entries: 1_000 })
+        .metrics(Arc::clone(&metrics))
+        .build();
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
     runtime.block_on(engine.stats(&TEN_PHONES)).expect("warm up the cache");
     let id = CorrelationId::integer("13242421424214").expect("integer");
@@ -137,7 +133,7 @@ fn warm_report(c: &mut Criterion) {
         })
     });
     group.finish();
-    assert_eq!(metrics.phones_with(source::COMPUTED), TEN_PHONES.len() as u64, "every timed lookup was a hit");
+    assert_eq!(metrics.phones_with(Source::Computed), TEN_PHONES.len() as u64, "every timed lookup was a hit");
 }
 
 fn report_json(c: &mut Criterion) {

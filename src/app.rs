@@ -8,15 +8,17 @@
 use crate::broker::Topology;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::consumer;
 use crate::data::Dataset;
 use crate::engine::{CacheSettings, Engine};
 use crate::health::Health;
-use crate::message::Limits;
+use crate::message::{CorrelationId, Limits, complete_report_json, dedup_phones};
 use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
 use crate::poison::Sweeper;
+use crate::pool::WorkerPool;
 use crate::reload::{self, Reloads};
 use crate::retry::RetryPolicy;
-use crate::service::{self, Pipeline};
 use crate::shutdown::Shutdown;
 use crate::snapshot::{self, DirtyMarker, SnapshotWriter};
 use anyhow::Context;
@@ -105,20 +107,16 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let http = tokio::spawn(crate::http::serve(listener, Arc::clone(&health), Arc::clone(&metrics), http_stop.clone()));
     info!(address = %http_addr, "serving /health and /metrics");
 
-    let pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(config.worker_threads.get())
-            .thread_name(|i| format!("report-worker-{i}"))
-            .panic_handler(|_| tracing::error!("a worker thread panicked; the affected tasks are requeued"))
-            .build()
-            .context("cannot start the worker pool")?,
-    );
+    let pool = WorkerPool::new("report-worker", config.worker_threads.get()).context("cannot start the worker pool")?;
     let dataset = load(&config.data_path, &pool).await?;
     let marker = DirtyMarker::default();
     let mark = marker.clone();
-    let cache = CacheSettings { ttl: config.cache_ttl, max_entries: config.cache_max_entries.get() };
-    let engine =
-        Engine::new(dataset, cache, Arc::clone(&pool), clock, Arc::clone(&metrics), Box::new(move || mark.mark()));
+    let engine = Engine::builder(dataset, pool.clone())
+        .cache(CacheSettings { ttl: config.cache_ttl, max_entries: config.cache_max_entries.get() })
+        .clock(clock)
+        .metrics(Arc::clone(&metrics))
+        .on_cache_change(move || mark.mark())
+        .build();
     let writer = if config.cache_ttl.is_zero() {
         info!("cache disabled (CACHE_TTL_SECS=0): no snapshot is read or written");
         None
@@ -148,6 +146,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let topology = Topology::from_config(&config, &instance);
     let pipeline = Arc::new(Pipeline {
         engine: engine.clone(),
+        pool,
         limits: Limits { max_task_bytes: config.max_task_bytes.get(), max_phones: config.max_phones_per_task.get() },
         metrics: Arc::clone(&metrics),
         retry: RetryPolicy { max_attempts: config.max_attempts, first_delay: config.retry_delay },
@@ -155,15 +154,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         instance,
     });
     let sweeper = Sweeper::new(&pipeline.topology, &pipeline.instance);
-    let serve = service::serve(pipeline, Arc::clone(&health), sweeper, Arc::clone(&shutdown));
+    let serve = consumer::serve(pipeline, Arc::clone(&health), sweeper, Arc::clone(&shutdown));
     let (reload_events, reloads) = watch::channel(Reloads::default());
-    let reload_pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .thread_name(|i| format!("report-reload-{i}"))
-            .build()
-            .context("cannot start the reload thread")?,
-    );
+    let reload_pool = WorkerPool::new("report-reload", 1).context("cannot start the reload thread")?;
     let watch = reload::Watch { path: config.data_path.clone(), every: config.data_poll_interval, pool: reload_pool };
     let watcher = tokio::spawn(reload::watch_data(
         engine.clone(),
@@ -209,10 +202,28 @@ fn instance_name() -> String {
     format!("{host} pid {}", std::process::id())
 }
 
+/// One report without a broker (`report-service report`): `data` indexed, `phones`
+/// computed and the report serialised by the worker's own path, with no cache.
+pub async fn report_once(
+    data: &Path,
+    phones: &[u64],
+    correlation_id: &CorrelationId,
+    threads: std::num::NonZeroUsize,
+) -> anyhow::Result<Vec<u8>> {
+    let pool = WorkerPool::new("report-worker", threads.get()).context("cannot start the worker pool")?;
+    let dataset = load(data, &pool).await?;
+    let engine = Engine::builder(dataset, pool).build();
+    let (received, started) = (std::time::SystemTime::now(), std::time::Instant::now());
+    let answers = engine.stats(&dedup_phones(phones.iter().copied())).await?;
+    let entries = answers.iter().map(|a| &a.json[..]);
+    Ok(complete_report_json(correlation_id, received, entries, || started.elapsed()))
+}
+
 /// Maps and indexes data.json on the pool.
-pub async fn load(path: &Path, pool: &Arc<rayon::ThreadPool>) -> anyhow::Result<Dataset> {
-    let (path_buf, build_pool) = (path.to_owned(), Arc::clone(pool));
-    let dataset = crate::engine::run_on_pool(pool, move || Dataset::open(&path_buf, &build_pool))
+pub async fn load(path: &Path, pool: &WorkerPool) -> anyhow::Result<Dataset> {
+    let (path_buf, build_pool) = (path.to_owned(), pool.clone());
+    let dataset = pool
+        .run(move || Dataset::open(&path_buf, build_pool.threads()))
         .await
         .context("the index build was abandoned")?
         .with_context(|| format!("cannot use DATA_PATH={}", path.display()))?;

@@ -1,16 +1,17 @@
 //! The statistics engine: per-phone statistics for a task from the cache, or computed on
-//! the rayon pool, with concurrent misses of one phone computed once.
+//! the worker pool, with concurrent misses of one phone computed once.
 //!
-//! It owns the data version being served (swapped whole on reload), the cache, the
-//! in-flight computations and the pool. It never blocks the async runtime: cache
-//! lookups take a short lock, and every computation runs on the pool and is awaited
-//! through a channel.
+//! It owns the data version being served (swapped whole on reload), the cache and the
+//! in-flight computations. It never blocks the async runtime: cache lookups take a short
+//! lock, and every computation but the smallest (see `compute::INLINE_BYTES`) runs on the
+//! pool and is awaited through a channel.
 
 use crate::cache::{Answer, Cache, CachedPhone};
 use crate::clock::Clock;
 use crate::compute;
 use crate::data::{Dataset, StaleData};
-use crate::metrics::{Metrics, source};
+use crate::metrics::{Metrics, Source};
+use crate::pool::{Abandoned, WorkerPool};
 use crate::snapshot::Delta;
 use crate::stats::CallStats;
 use ahash::AHashMap;
@@ -18,7 +19,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 /// One version of data.json being served. The epoch tells cache entries and in-flight
 /// computations of different versions apart.
@@ -34,8 +35,8 @@ pub enum EngineError {
     #[error(transparent)]
     Stale(#[from] StaleData),
     /// The computation died (a worker panicked); nothing was produced.
-    #[error("the computation was abandoned")]
-    Abandoned,
+    #[error("the computation was abandoned: {0}")]
+    Abandoned(#[from] Abandoned),
 }
 
 /// The result of one computation, as its waiters see it. `None` until it is done.
@@ -55,8 +56,8 @@ struct Inner {
     /// Swapped whole by `replace`; each task reads it once, so no report mixes versions.
     data: ArcSwap<Loaded>,
     state: Mutex<State>,
-    /// Shared with whoever else runs CPU work for the service (index builds).
-    pool: Arc<rayon::ThreadPool>,
+    /// Where computations run (the requests' pool, shared with the pipeline).
+    pool: WorkerPool,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     /// Called after entries are cached or dropped: wakes the snapshot writer. Must not
@@ -81,27 +82,69 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
-impl Engine {
-    pub fn new(
-        dataset: Dataset,
-        cache: CacheSettings,
-        pool: Arc<rayon::ThreadPool>,
-        clock: Arc<dyn Clock>,
-        metrics: Arc<Metrics>,
-        cache_changed: Box<dyn Fn() + Send + Sync>,
-    ) -> Engine {
-        record_data_metrics(&metrics, &dataset);
+/// How an [`Engine`] is put together. By default: no cache, the system clock, metrics of
+/// its own, and nobody told of cache changes.
+pub struct EngineBuilder {
+    dataset: Dataset,
+    pool: WorkerPool,
+    cache: CacheSettings,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    cache_changed: Box<dyn Fn() + Send + Sync>,
+}
+
+impl EngineBuilder {
+    pub fn cache(mut self, cache: CacheSettings) -> EngineBuilder {
+        self.cache = cache;
+        self
+    }
+
+    /// The clock that dates cache entries (tests drive a manual one).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> EngineBuilder {
+        self.clock = clock;
+        self
+    }
+
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> EngineBuilder {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Called after entries are cached or dropped (wakes the snapshot writer). Must not
+    /// block: it is called on pool threads.
+    pub fn on_cache_change(mut self, changed: impl Fn() + Send + Sync + 'static) -> EngineBuilder {
+        self.cache_changed = Box::new(changed);
+        self
+    }
+
+    pub fn build(self) -> Engine {
+        record_data_metrics(&self.metrics, &self.dataset);
+        let cache = Cache::new(self.cache.ttl, self.cache.max_entries);
         let inner = Inner {
-            data: ArcSwap::from_pointee(Loaded { dataset, epoch: 1 }),
-            state: Mutex::new(State { cache: Cache::new(cache.ttl, cache.max_entries), flights: AHashMap::new() }),
-            pool,
-            clock,
-            metrics,
-            cache_changed,
-            cache_capacity: cache.max_entries,
+            data: ArcSwap::from_pointee(Loaded { dataset: self.dataset, epoch: 1 }),
+            state: Mutex::new(State { cache, flights: AHashMap::new() }),
+            pool: self.pool,
+            clock: self.clock,
+            metrics: self.metrics,
+            cache_changed: self.cache_changed,
+            cache_capacity: self.cache.max_entries,
             stale: tokio::sync::Notify::new(),
         };
         Engine { inner: Arc::new(inner) }
+    }
+}
+
+impl Engine {
+    /// An engine serving `dataset`, computing on `pool`; see [`EngineBuilder`].
+    pub fn builder(dataset: Dataset, pool: WorkerPool) -> EngineBuilder {
+        EngineBuilder {
+            dataset,
+            pool,
+            cache: CacheSettings { ttl: Duration::ZERO, max_entries: 1 },
+            clock: Arc::new(crate::clock::SystemClock),
+            metrics: Arc::new(Metrics::new()),
+            cache_changed: Box::new(|| {}),
+        }
     }
 
     /// The data version being served now.
@@ -109,7 +152,7 @@ impl Engine {
         self.inner.data.load_full()
     }
 
-    pub fn pool(&self) -> &Arc<rayon::ThreadPool> {
+    pub fn pool(&self) -> &WorkerPool {
         &self.inner.pool
     }
 
@@ -168,10 +211,10 @@ impl Engine {
             }
         }
         let metrics = &self.inner.metrics;
-        metrics.phones_from(source::CACHE, hits);
-        metrics.phones_from(source::NO_RECORDS, empty);
-        metrics.phones_from(source::COMPUTED, owned.len() as u64);
-        metrics.phones_from(source::SHARED, (waits.len() - owned.len()) as u64);
+        metrics.phones_from(Source::Cache, hits);
+        metrics.phones_from(Source::NoRecords, empty);
+        metrics.phones_from(Source::Computed, owned.len() as u64);
+        metrics.phones_from(Source::Shared, (waits.len() - owned.len()) as u64);
         if !owned.is_empty() {
             let phones: Vec<u64> = owned.iter().map(|(phone, _)| *phone).collect();
             if compute::bytes_to_read(&loaded.dataset, &phones) <= compute::INLINE_BYTES {
@@ -186,18 +229,10 @@ impl Engine {
             }
         }
         for (i, mut flight) in waits {
-            let done = flight.wait_for(Option::is_some).await.map_err(|_| EngineError::Abandoned)?;
-            result[i] = Some(done.clone().ok_or(EngineError::Abandoned)??);
+            let done = flight.wait_for(Option::is_some).await.map_err(|_| Abandoned)?;
+            result[i] = Some(done.clone().ok_or(Abandoned)??);
         }
-        result.into_iter().map(|answer| answer.ok_or(EngineError::Abandoned)).collect()
-    }
-
-    /// Runs `work` on the pool and waits for it without blocking the runtime.
-    pub async fn run_blocking<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, EngineError> {
-        run_on_pool(&self.inner.pool, work).await
+        result.into_iter().map(|answer| answer.ok_or(EngineError::Abandoned(Abandoned))).collect()
     }
 
     /// Puts back snapshot entries computed from the data being served; returns how many
@@ -254,7 +289,7 @@ impl Inner {
         }
         let phones: Vec<u64> = owned.iter().map(|(phone, _)| *phone).collect();
         let mut land = Land { state: &self.state, epoch: loaded.epoch, phones };
-        let computed = compute::compute(&loaded.dataset, &land.phones, &self.pool);
+        let computed = compute::compute(&loaded.dataset, &land.phones, self.pool.threads());
         if computed.is_err() {
             self.stale.notify_one();
         }
@@ -297,19 +332,6 @@ fn answer(phone: u64, stats: CallStats) -> Answer {
     Answer { json: crate::message::phone_json(phone, &stats), stats }
 }
 
-/// Runs `work` on `pool` and waits for it without blocking the async runtime (the
-/// engine's own pool before there is an engine: the first index build).
-pub async fn run_on_pool<T: Send + 'static>(
-    pool: &rayon::ThreadPool,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, EngineError> {
-    let (sender, receiver) = oneshot::channel();
-    pool.spawn(move || {
-        let _ = sender.send(work());
-    });
-    receiver.await.map_err(|_| EngineError::Abandoned)
-}
-
 fn record_data_metrics(metrics: &Metrics, dataset: &Dataset) {
     let summary = dataset.index().summary();
     metrics.data_bytes.set(dataset.identity().len as i64);
@@ -335,8 +357,8 @@ mod tests {
     }
 
     /// A one-thread pool blocked until the returned sender is dropped or sent to.
-    fn held_pool() -> (Arc<rayon::ThreadPool>, std::sync::mpsc::Sender<()>) {
-        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
+    fn held_pool() -> (WorkerPool, std::sync::mpsc::Sender<()>) {
+        let pool = WorkerPool::new("test", 1).unwrap();
         let (release, latch) = std::sync::mpsc::channel::<()>();
         pool.spawn(move || {
             let _ = latch.recv();
@@ -344,12 +366,15 @@ mod tests {
         (pool, release)
     }
 
-    fn engine(ttl: Duration, pool: Arc<rayon::ThreadPool>, dir: &std::path::Path) -> (Engine, Arc<Metrics>) {
+    fn engine(ttl: Duration, pool: WorkerPool, dir: &std::path::Path) -> (Engine, Arc<Metrics>) {
         let data = dataset(dir, &rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
         let metrics = Arc::new(Metrics::new());
-        let clock = Arc::new(ManualClock::new(1_000));
-        let cache = CacheSettings { ttl, max_entries: 1_000 };
-        (Engine::new(data, cache, pool, clock, Arc::clone(&metrics), Box::new(|| {})), metrics)
+        let engine = Engine::builder(data, pool)
+            .cache(CacheSettings { ttl, max_entries: 1_000 })
+            .clock(Arc::new(ManualClock::new(1_000)))
+            .metrics(Arc::clone(&metrics))
+            .build();
+        (engine, metrics)
     }
 
     #[tokio::test]
@@ -362,14 +387,14 @@ mod tests {
         assert!((&mut all).now_or_never().is_none());
         release.send(()).unwrap();
         let results = all.await;
-        let expected = compute::compute(&engine.current().dataset, &[1, 2, 99], engine.pool()).unwrap();
+        let expected = compute::compute(&engine.current().dataset, &[1, 2, 99], engine.pool().threads()).unwrap();
         for result in results {
             let stats: Vec<CallStats> = result.unwrap().into_iter().map(|a| a.stats).collect();
             assert_eq!(stats, expected);
         }
-        assert_eq!(metrics.phones_with(source::COMPUTED), 2);
-        assert_eq!(metrics.phones_with(source::SHARED), 98);
-        assert_eq!(metrics.phones_with(source::NO_RECORDS), 50, "phone 99 has no records: never computed");
+        assert_eq!(metrics.phones_with(Source::Computed), 2);
+        assert_eq!(metrics.phones_with(Source::Shared), 98);
+        assert_eq!(metrics.phones_with(Source::NoRecords), 50, "phone 99 has no records: never computed");
     }
 
     #[tokio::test]
@@ -384,23 +409,23 @@ mod tests {
         assert!((&mut joiner).now_or_never().is_none());
         release.send(()).unwrap();
         assert_eq!(joiner.await.unwrap()[0].stats.records, 1_000);
-        assert_eq!((metrics.phones_with(source::COMPUTED), metrics.phones_with(source::SHARED)), (1, 1));
+        assert_eq!((metrics.phones_with(Source::Computed), metrics.phones_with(Source::Shared)), (1, 1));
         assert_eq!(engine.stats(&[3]).await.unwrap()[0].stats.records, 1_000);
-        assert_eq!(metrics.phones_with(source::CACHE), 1, "and its result was cached");
+        assert_eq!(metrics.phones_with(Source::Cache), 1, "and its result was cached");
     }
 
     #[tokio::test]
     async fn a_replaced_dataset_is_served_and_old_entries_are_not() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap());
-        let (engine, metrics) = engine(Duration::from_secs(60), Arc::clone(&pool), dir.path());
+        let pool = WorkerPool::new("test", 2).unwrap();
+        let (engine, metrics) = engine(Duration::from_secs(60), pool.clone(), dir.path());
         assert_eq!(engine.stats(&[1]).await.unwrap()[0].stats.records, 1_000);
         let other = tempfile::tempdir().unwrap();
         let path = other.path().join("data.json");
         std::fs::write(&path, br#"[{"phone":1,"start_date":0,"end_date":1000}]"#).unwrap();
-        assert_eq!(engine.replace(Dataset::open(&path, &pool).unwrap()), 2);
+        assert_eq!(engine.replace(Dataset::open(&path, pool.threads()).unwrap()), 2);
         assert_eq!(engine.stats(&[1]).await.unwrap()[0].stats.records, 1);
-        assert_eq!(metrics.phones_with(source::CACHE), 0, "the old entry was never served");
+        assert_eq!(metrics.phones_with(Source::Cache), 0, "the old entry was never served");
         assert_eq!(engine.cached().len(), 1);
     }
 }

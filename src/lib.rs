@@ -1,20 +1,24 @@
 //! report-service: call-statistics reports over RabbitMQ from a memory-mapped data.json.
 //!
-//! Layout, from the bytes up:
+//! Layout, from the bytes up (one concept a module; dependencies point up this list,
+//! never down):
 //!
 //! - [`data`]: data.json mapped read-only, validated and indexed once (phone -> spans).
 //! - [`stats`]: exact per-phone aggregation in integer milliseconds; pure.
-//! - [`compute`]: the statistics of a list of phones, in parallel on a rayon pool.
-//! - [`cache`]: the TTL map of per-phone statistics, tagged by data version.
-//! - [`engine`]: cache lookups, single-flight computation on the pool, data swaps.
-//! - [`snapshot`]: the cache's file format and write-behind thread; [`atomic_file`]:
-//!   replacing a file by rename.
+//! - [`pool`]: the worker threads for CPU work, and how async code awaits them.
+//! - [`compute`]: the statistics of a list of phones, split across the pool.
+//! - [`cache`]: the bounded TTL map of per-phone answers, tagged by data version.
+//! - [`engine`]: cache lookups, single-flight computation, data swaps.
+//! - [`snapshot`]: the cache's files (base and journal) and its write-behind thread;
+//!   [`atomic_file`]: replacing a file by rename.
 //! - [`reload`]: notices a replaced data.json, indexes it, swaps it in.
 //! - [`message`]: the wire contract (task parsing, report JSON).
 //! - [`dead_letter`], [`retry`]: the dead-letter copy and the retry policy (pure).
-//! - [`broker`]: RabbitMQ connection, topology, consume and confirmed publish.
+//! - [`broker`]: RabbitMQ connection, topology, consume and confirmed publish; its `raw`
+//!   client reads what lapin cannot decode.
 //! - [`poison`]: moving messages the AMQP client cannot decode to the DLQ.
-//! - [`service`]: the task pipeline, the ack decision and the consume loop.
+//! - [`pipeline`]: one delivery to one confirmed answer, and the ack decision.
+//! - [`consumer`]: the consume loop: sessions, reconnects, shutdown steps.
 //! - [`app`]: wiring from a [`config::Config`] to a running service.
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: what operators see.
 //! - [`config`], [`clock`], [`shutdown`], [`stack`], [`heap`]: inputs and process set-up.
@@ -30,6 +34,7 @@ pub mod cache;
 pub mod clock;
 pub mod compute;
 pub mod config;
+pub mod consumer;
 pub mod data;
 pub mod datagen;
 pub mod dead_letter;
@@ -39,11 +44,12 @@ pub mod heap;
 pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod pipeline;
 pub mod poison;
+pub mod pool;
 pub mod producer;
 pub mod reload;
 pub mod retry;
-pub mod service;
 pub mod shutdown;
 pub mod snapshot;
 pub mod stack;

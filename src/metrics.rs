@@ -4,63 +4,108 @@
 //! Updating a metric is an atomic add; nothing here blocks or allocates on the hot path
 //! (label sets are `&'static str`).
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::fmt::Write;
 use std::sync::atomic::AtomicU64;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceLabel {
-    pub source: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    pub reason: &'static str,
-}
-
 /// How a task ended (the `outcome` label of `report_service_tasks_total`).
-pub mod outcome {
-    pub const ANSWERED: &str = "answered";
-    pub const ERROR_REPORT: &str = "error_report";
-    pub const DEAD_LETTERED: &str = "dead_lettered";
-    /// The session failed under the task; it was requeued.
-    pub const REQUEUED: &str = "requeued";
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    Answered,
+    ErrorReport,
+    DeadLettered,
     /// Processing failed; the task was parked in a retry queue.
-    pub const RETRIED: &str = "retried";
+    Retried,
     /// Processing failed on every attempt; the task was dead-lettered.
-    pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
-    /// The channel died before the task could be acked; the broker redelivers it.
-    pub const ABANDONED: &str = "abandoned";
+    RetriesExhausted,
+    /// The session failed under the task; it was requeued.
+    Requeued,
+    /// The channel died before the task could be settled; the broker redelivers it.
+    Abandoned,
 }
 
-/// Where a phone's statistics came from (the `source` label of `report_service_phones_total`).
-pub mod source {
+impl Outcome {
+    /// The label value, as Prometheus shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::ErrorReport => "error_report",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Retried => "retried",
+            Outcome::RetriesExhausted => "retries_exhausted",
+            Outcome::Requeued => "requeued",
+            Outcome::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// Where a phone's statistics came from (the `source` label of
+/// `report_service_phones_total`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Source {
     /// Cache hit.
-    pub const CACHE: &str = "cache";
+    Cache,
     /// Cache miss computed by this task.
-    pub const COMPUTED: &str = "computed";
+    Computed,
     /// Cache miss joined to another task's computation of the same phone.
-    pub const SHARED: &str = "shared";
+    Shared,
     /// A phone with no records: nothing to compute or cache.
-    pub const NO_RECORDS: &str = "no_records";
+    NoRecords,
+}
+
+impl Source {
+    /// The label value, as Prometheus shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::Computed => "computed",
+            Source::Shared => "shared",
+            Source::NoRecords => "no_records",
+        }
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for Source {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: Source,
+}
+
+/// The `reason` label of `report_service_dead_lettered_total`: the dead-letter reason
+/// code (`not_json`, `too_deep`, `retries_exhausted`, `undecodable`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 /// All of the service's metrics, registered once.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    pub tasks: Family<OutcomeLabel, Counter>,
-    pub phones: Family<SourceLabel, Counter>,
-    pub dead_lettered: Family<ReasonLabel, Counter>,
+    tasks: Family<OutcomeLabel, Counter>,
+    phones: Family<SourceLabel, Counter>,
+    dead_lettered: Family<ReasonLabel, Counter>,
     pub report_latency: Histogram,
     pub tasks_in_flight: Gauge,
     pub index_build_seconds: Gauge<f64, AtomicU64>,
@@ -170,22 +215,32 @@ impl Metrics {
         Metrics { registry, ..metrics }
     }
 
-    pub fn task(&self, outcome: &'static str) {
-        self.tasks.get_or_create(&OutcomeLabel { outcome }).inc();
+    /// Counts `n` tasks that ended with `outcome`.
+    pub fn tasks_ended(&self, outcome: Outcome, n: u64) {
+        self.tasks.get_or_create(&OutcomeLabel { outcome }).inc_by(n);
     }
 
-    pub fn phones_from(&self, source: &'static str, count: u64) {
+    pub fn task(&self, outcome: Outcome) {
+        self.tasks_ended(outcome, 1);
+    }
+
+    /// Counts `n` messages dead-lettered for `reason` (a dead-letter reason code).
+    pub fn dead_lettered_as(&self, reason: &'static str, n: u64) {
+        self.dead_lettered.get_or_create(&ReasonLabel { reason }).inc_by(n);
+    }
+
+    pub fn phones_from(&self, source: Source, count: u64) {
         if count > 0 {
             self.phones.get_or_create(&SourceLabel { source }).inc_by(count);
         }
     }
 
     /// A counter's current value, for tests and logs.
-    pub fn tasks_with(&self, outcome: &'static str) -> u64 {
+    pub fn tasks_with(&self, outcome: Outcome) -> u64 {
         self.tasks.get_or_create(&OutcomeLabel { outcome }).get()
     }
 
-    pub fn phones_with(&self, source: &'static str) -> u64 {
+    pub fn phones_with(&self, source: Source) -> u64 {
         self.phones.get_or_create(&SourceLabel { source }).get()
     }
 
@@ -205,8 +260,8 @@ mod tests {
     #[test]
     fn every_documented_metric_is_exposed() {
         let metrics = Metrics::new();
-        metrics.task(outcome::ANSWERED);
-        metrics.phones_from(source::CACHE, 3);
+        metrics.task(Outcome::Answered);
+        metrics.phones_from(Source::Cache, 3);
         let text = metrics.encode();
         for name in [
             "report_service_tasks_total{outcome=\"answered\"} 1",

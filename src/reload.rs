@@ -15,6 +15,7 @@
 use crate::data::{Dataset, FileIdentity};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use crate::pool::WorkerPool;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ pub struct Watch {
     pub path: PathBuf,
     pub every: Duration,
     /// Indexes replacements; its own threads, not the statistics pool's.
-    pub pool: Arc<rayon::ThreadPool>,
+    pub pool: WorkerPool,
 }
 
 /// Whether a new identity has held still long enough to be indexed. Pure: the caller
@@ -146,12 +147,12 @@ pub async fn watch_data(
         };
         info!(path = %path.display(), bytes = seen.len, "data.json changed; indexing the new file in the background");
         let started = Instant::now();
-        let (open_path, build_pool) = (path.clone(), Arc::clone(&pool));
+        let (open_path, build_pool) = (path.clone(), pool.clone());
         // Shutdown does not wait for an index build: the pool job is left to finish (or
         // die with the process) and its result is dropped.
         let built = tokio::select! {
             _ = shutdown.cancelled() => return,
-            built = crate::engine::run_on_pool(&pool, move || Dataset::open(&open_path, &build_pool)) => built,
+            built = pool.run(move || Dataset::open(&open_path, build_pool.threads())) => built,
         };
         match built {
             Ok(Ok(dataset)) => {

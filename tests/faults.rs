@@ -7,7 +7,7 @@
 mod support;
 
 use report_service::clock::SystemClock;
-use report_service::metrics::source;
+use report_service::metrics::Source;
 use serde_json::json;
 use std::process::Command;
 use std::sync::Arc;
@@ -78,8 +78,8 @@ async fn finish(
         "{label}: sent {}, answered {answered}, duplicates {duplicates}, wrong 0; reconnects {}, cache hits {}, computed {}",
         scenario.tasks,
         metrics.reconnects.get(),
-        metrics.phones_with(source::CACHE),
-        metrics.phones_with(source::COMPUTED)
+        metrics.phones_with(Source::Cache),
+        metrics.phones_with(Source::Computed)
     );
     assert_eq!(answered, scenario.tasks as usize);
     metrics
@@ -157,7 +157,7 @@ async fn sigkill_mid_load_then_restart_answers_everything_from_a_consistent_cach
         start_service(&run.names, &run.data, run.dir.path(), &[("PREFETCH", "8")], Arc::new(SystemClock)).await;
     collect_into(&mut reports, &mut seen, run.tasks as usize, matches_reference(&run.records)).await;
     let metrics = finish("SIGKILL + restart", &seen, &run, service).await;
-    assert_eq!(metrics.phones_with(source::COMPUTED), 0, "all 50 phones came back from the snapshot");
+    assert_eq!(metrics.phones_with(Source::Computed), 0, "all 50 phones came back from the snapshot");
 }
 
 /// Every kind of broken snapshot: the service starts, answers, and reports the problem.

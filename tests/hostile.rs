@@ -11,7 +11,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use report_service::broker::raw::{Endpoint, RawClient, RawConfirm, RawProperties, RawTable, RawValue};
 use report_service::clock::{Clock, SystemClock};
 use report_service::health::HealthState;
-use report_service::metrics::outcome;
+use report_service::metrics::Outcome;
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,7 +83,7 @@ async fn deeply_nested_bodies_are_dead_lettered_and_the_instance_keeps_answering
         assert!(bodies.iter().any(|b| b.as_bytes() == &message.delivery.data[..]), "the body is copied unchanged");
     }
     assert_eq!(ready_messages(&client.channel, &names.tasks).await, 0);
-    assert_eq!(metrics.tasks_with(outcome::DEAD_LETTERED), 3);
+    assert_eq!(metrics.tasks_with(Outcome::DeadLettered), 3);
 }
 
 /// A `CC` header naming the task queue made every dead-letter copy route back into it:
@@ -112,7 +112,7 @@ async fn a_cc_header_does_not_route_the_dead_letter_copy_back_into_the_task_queu
     let Some(AMQPValue::FieldTable(original)) = top.get("x-original-headers") else { panic!("{top:?}") };
     assert!(original.inner().contains_key("CC"), "the original headers are kept, where the broker ignores them");
     assert_eq!(ready_messages(&client.channel, &names.tasks).await, 0);
-    assert_eq!(metrics.tasks_with(outcome::DEAD_LETTERED), 1);
+    assert_eq!(metrics.tasks_with(Outcome::DeadLettered), 1);
 }
 
 /// The dead-letter copy inherited the original's `expiration` and vanished from the DLQ.
@@ -361,7 +361,7 @@ async fn a_task_that_panics_every_time_is_retried_then_dead_lettered() {
     answers_an_ordinary_task(&client, &mut reports, &records, 1).await;
     let metrics = Arc::clone(service.metrics());
     service.stop().await.unwrap();
-    assert_eq!((metrics.tasks_with(outcome::RETRIED), metrics.tasks_with(outcome::RETRIES_EXHAUSTED)), (2, 1));
+    assert_eq!((metrics.tasks_with(Outcome::Retried), metrics.tasks_with(Outcome::RetriesExhausted)), (2, 1));
     assert_eq!(metrics.tasks_in_flight.get(), 0);
 }
 
@@ -393,8 +393,8 @@ async fn a_report_queue_that_rejects_publishes_exhausts_retries_without_a_hot_lo
     answers_an_ordinary_task(&client, &mut reports, &records, 1).await;
     let metrics = Arc::clone(service.metrics());
     service.stop().await.unwrap();
-    assert_eq!(metrics.tasks_with(outcome::RETRIED), 2, "two retries, not thousands of requeues");
-    assert_eq!(metrics.tasks_with(outcome::REQUEUED), 0);
+    assert_eq!(metrics.tasks_with(Outcome::Retried), 2, "two retries, not thousands of requeues");
+    assert_eq!(metrics.tasks_with(Outcome::Requeued), 0);
 }
 
 /// The report queue is deleted under the service: a report the broker confirms but

@@ -5,7 +5,7 @@
 mod support;
 
 use report_service::clock::SystemClock;
-use report_service::metrics::source;
+use report_service::metrics::Source;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
@@ -57,13 +57,13 @@ async fn a_file_replaced_by_rename_is_served_and_old_cache_entries_are_not() {
     assert_eq!(avg_and_count(&next_json(&mut reports).await.0), vec![(10.0, 10), (10.0, 10)]);
     client.send(&task(2, &[1, 2])).await;
     assert_eq!(avg_and_count(&next_json(&mut reports).await.0), vec![(10.0, 10), (10.0, 10)]);
-    assert_eq!(service.metrics().phones_with(source::CACHE), 2, "cached from the first file");
+    assert_eq!(service.metrics().phones_with(Source::Cache), 2, "cached from the first file");
 
     replace(&data, &uniform_file(5, 30, 20));
     tokio::time::timeout(WAIT, reloads.wait_for(|r| r.swapped >= 1)).await.unwrap().unwrap();
     client.send(&task(3, &[1, 2])).await;
     assert_eq!(avg_and_count(&next_json(&mut reports).await.0), vec![(20.0, 30), (20.0, 30)]);
-    assert_eq!(service.metrics().phones_with(source::CACHE), 2, "no entry of the old file served");
+    assert_eq!(service.metrics().phones_with(Source::Cache), 2, "no entry of the old file served");
     let metrics = service.metrics().encode();
     assert!(metrics.contains("report_service_data_reloads_total 1"), "{metrics}");
     assert!(metrics.contains("report_service_data_records 150"), "{metrics}");
@@ -185,6 +185,6 @@ async fn a_file_rewritten_in_place_is_never_read_through_the_old_index() {
     assert!(reloads.borrow_and_update().swapped >= 1);
     let metrics = Arc::clone(service.metrics());
     service.stop().await.unwrap();
-    let retried = metrics.tasks_with(report_service::metrics::outcome::RETRIED);
+    let retried = metrics.tasks_with(report_service::metrics::Outcome::Retried);
     assert!(retried >= 1, "the stale attempt was retried later");
 }

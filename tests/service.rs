@@ -7,7 +7,7 @@ mod support;
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use report_service::clock::{ManualClock, SystemClock};
-use report_service::metrics::source;
+use report_service::metrics::Source;
 use report_service::producer::SAMPLE_TASKS;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -216,8 +216,8 @@ async fn two_hundred_tasks_at_once_are_answered_and_a_shared_phone_is_computed_o
         assert_eq!(*count, 1, "task {id} answered once");
     }
     let metrics = service.metrics();
-    assert_eq!(metrics.phones_with(source::COMPUTED), 2 + 200, "7 and 8 once each, plus one distinct phone per task");
-    assert_eq!(metrics.phones_with(source::SHARED) + metrics.phones_with(source::CACHE), 2 * 199);
+    assert_eq!(metrics.phones_with(Source::Computed), 2 + 200, "7 and 8 once each, plus one distinct phone per task");
+    assert_eq!(metrics.phones_with(Source::Shared) + metrics.phones_with(Source::Cache), 2 * 199);
     service.stop().await.unwrap();
 }
 
@@ -236,7 +236,7 @@ async fn a_cached_phone_is_served_until_its_ttl_then_computed_again() {
         client.send(&task(json!(id), &[1, 2])).await;
         let (report, _) = next_json(&mut reports).await;
         assert_eq!(report["data"], expected_data(&records, &[1, 2]));
-        (metrics.phones_with(source::COMPUTED), metrics.phones_with(source::CACHE))
+        (metrics.phones_with(Source::Computed), metrics.phones_with(Source::Cache))
     };
     assert_eq!(ask(1).await, (2, 0), "first: both computed");
     assert_eq!(ask(2).await, (2, 2), "second: both cached");
@@ -259,7 +259,7 @@ async fn a_zero_ttl_disables_the_cache() {
         client.send(&task(json!(id), &[1])).await;
         next_json(&mut reports).await;
     }
-    assert_eq!((service.metrics().phones_with(source::COMPUTED), service.metrics().phones_with(source::CACHE)), (3, 0));
+    assert_eq!((service.metrics().phones_with(Source::Computed), service.metrics().phones_with(Source::Cache)), (3, 0));
     assert!(service.snapshot_writes().is_none());
     service.stop().await.unwrap();
     assert!(!dir.path().join("cache.snapshot").exists());
@@ -285,7 +285,7 @@ async fn a_restarted_service_restores_the_cache_from_its_snapshot() {
     client.send(&task(json!(2), &[3, 2, 1])).await;
     let (report, _) = next_json(&mut reports).await;
     assert_eq!(report["data"], expected_data(&records, &[3, 2, 1]));
-    assert_eq!((second.metrics().phones_with(source::CACHE), second.metrics().phones_with(source::COMPUTED)), (3, 0));
+    assert_eq!((second.metrics().phones_with(Source::Cache), second.metrics().phones_with(Source::Computed)), (3, 0));
     second.stop().await.unwrap();
 }
 
@@ -324,7 +324,7 @@ async fn a_corrupt_snapshot_is_moved_aside_and_the_service_starts_empty() {
         client.send(&task(json!(1), &[4])).await;
         let (report, _) = next_json(&mut reports).await;
         assert_eq!(report["data"], expected_data(&records, &[4]), "{case}");
-        assert_eq!(service.metrics().phones_with(source::COMPUTED), 1, "{case}: empty cache");
+        assert_eq!(service.metrics().phones_with(Source::Computed), 1, "{case}: empty cache");
         service.stop().await.unwrap();
     }
 }
@@ -441,7 +441,7 @@ async fn the_cache_is_bounded_by_its_entry_limit_and_keeps_the_phones_asked_for_
         assert_eq!(report["data"], expected_data(&records, &[1, cold]));
         assert!(metrics.cache_entries.get() <= 4, "{} entries", metrics.cache_entries.get());
     }
-    assert_eq!(metrics.phones_with(source::CACHE), 19, "phone 1 was computed once and then always hit");
-    assert_eq!(metrics.phones_with(source::COMPUTED), 21);
+    assert_eq!(metrics.phones_with(Source::Cache), 19, "phone 1 was computed once and then always hit");
+    assert_eq!(metrics.phones_with(Source::Computed), 21);
     service.stop().await.unwrap();
 }

@@ -5,12 +5,12 @@ use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use report_service::clock::SystemClock;
 use report_service::config::{self, Config};
-use report_service::message::{CorrelationId, complete_report_json, dedup_phones};
+use report_service::message::CorrelationId;
 use report_service::telemetry::{self, LogTarget};
 use report_service::{app, http, shutdown, stack};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 /// Call-statistics report worker for RabbitMQ. Every setting is an environment variable
 /// and the flag of the same name (`PREFETCH` / `--prefetch`); flags win.
@@ -63,7 +63,9 @@ fn main() -> Result<()> {
         Some(Command::Report { data, phones, correlation_id }) => {
             telemetry::init(&config.log_filter, LogTarget::Stderr)?;
             let data = data.unwrap_or(config.data_path.clone());
-            runtime.block_on(one_report(config, data, phones, correlation_id))
+            let report = runtime.block_on(app::report_once(&data, &phones, &correlation_id, config.worker_threads))?;
+            println!("{}", String::from_utf8_lossy(&report));
+            Ok(())
         }
         Some(Command::Healthcheck) => {
             let ready = http::probe(config.http_addr, Duration::from_secs(3)).unwrap_or(false);
@@ -89,21 +91,4 @@ async fn worker(config: Config) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// The same engine path as the worker (cache disabled): index, compute, serialise.
-async fn one_report(config: Config, data: PathBuf, phones: Vec<u64>, correlation_id: CorrelationId) -> Result<()> {
-    let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(config.worker_threads.get()).build()?);
-    let dataset = app::load(&data, &pool).await?;
-    let metrics = Arc::new(report_service::metrics::Metrics::new());
-    let cache = report_service::engine::CacheSettings { ttl: Duration::ZERO, max_entries: 1 };
-    let engine =
-        report_service::engine::Engine::new(dataset, cache, pool, Arc::new(SystemClock), metrics, Box::new(|| {}));
-    let (received, started) = (SystemTime::now(), Instant::now());
-    let phones = dedup_phones(phones);
-    let answers = engine.stats(&phones).await?;
-    let report =
-        complete_report_json(&correlation_id, received, answers.iter().map(|a| &a.json[..]), || started.elapsed());
-    println!("{}", String::from_utf8_lossy(&report));
-    Ok(())
 }

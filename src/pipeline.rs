@@ -1,45 +1,30 @@
-//! The task pipeline and the consume loop around it.
+//! The task pipeline: one delivery in, one confirmed answer out, then the ack.
 //!
 //! [`Pipeline::handle`] turns one delivery into a report (or an error report, or a
-//! dead-letter copy), waits for the broker to confirm it, then acks; [`disposition`] is
-//! the single place that decides ack, retry or requeue. [`serve`] keeps a session with
-//! the broker (reconnecting with capped backoff), runs one task per delivery, and drains
-//! on shutdown. CPU work goes to the engine's pool; this module only awaits.
+//! dead-letter copy), waits for the broker to confirm it, then settles the delivery;
+//! [`disposition`] is the single place that decides ack, retry or requeue. How deliveries
+//! arrive (sessions, reconnects, shutdown) is the `consumer`'s business. CPU work goes to
+//! the worker pool; this module only awaits.
 
-use crate::broker::{self, BrokerError, Publisher, Routed, Session, Topology};
+use crate::broker::{self, BrokerError, Publisher, Routed, Topology};
 use crate::dead_letter::{self, Origin, Reason};
 use crate::engine::{Engine, EngineError};
-use crate::health::Health;
 use crate::message::{Limits, Rejection, Report, Task, complete_report_json, format_timestamp, parse_task};
-use crate::metrics::{Metrics, ReasonLabel, outcome};
-use crate::poison::Sweeper;
+use crate::metrics::{Metrics, Outcome};
+use crate::pool::{Abandoned, WorkerPool};
 use crate::retry::{self, NextStep, RetryPolicy};
-use crate::shutdown::Shutdown;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::types::ShortString;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use std::time::{Instant, SystemTime};
+use tracing::{Instrument, debug, error, info, warn};
 
 /// Bodies above this size are parsed on the pool rather than the async runtime.
 const OFFLOAD_BODY_BYTES: usize = 64 * 1024;
 /// Reports with more phones than this are built and serialised on the pool.
 const OFFLOAD_PHONES: usize = 256;
-/// Reconnect delays: doubling from the first to the cap, with +-20 % jitter so a fleet of
-/// instances does not reconnect in lockstep after a broker restart.
-const FIRST_RETRY: Duration = Duration::from_millis(100);
-const MAX_RETRY: Duration = Duration::from_secs(5);
-/// A session that lasts this long (or answers a task) was healthy: the reconnect backoff
-/// starts again from its first delay.
-const HEALTHY_PERIOD: Duration = Duration::from_secs(10);
-/// How often a session checks that its connection and channels are still open (a
-/// channel the broker closed raises no event a task would see until it publishes).
-const SESSION_CHECK: Duration = Duration::from_secs(1);
 
 /// How a task was answered. Every variant means the broker confirmed the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +47,10 @@ pub enum Failure {
     Refused(BrokerError),
     #[error("processing panicked: {0}")]
     Panicked(String),
+    /// A job handed to the worker pool (parsing a large body, building a large report)
+    /// died there.
+    #[error("{0}")]
+    Abandoned(#[from] Abandoned),
     /// The session failed under the task (a timeout, a closed channel, an answer the
     /// broker could not route to the service's own queue).
     #[error("the broker session failed: {0}")]
@@ -106,7 +95,9 @@ pub enum Disposition {
 pub fn disposition(result: &Result<Handled, Failure>) -> Disposition {
     match result {
         Ok(Handled::Answered { .. } | Handled::ErrorReported { .. } | Handled::DeadLettered { .. }) => Disposition::Ack,
-        Err(Failure::Engine(_) | Failure::Refused(_) | Failure::Panicked(_)) => Disposition::Retry,
+        Err(Failure::Engine(_) | Failure::Refused(_) | Failure::Panicked(_) | Failure::Abandoned(_)) => {
+            Disposition::Retry
+        }
         Err(Failure::Session(_)) => Disposition::Requeue,
     }
 }
@@ -124,6 +115,8 @@ enum Destination<'a> {
 #[derive(Debug)]
 pub struct Pipeline {
     pub engine: Engine,
+    /// For parsing large bodies and building large reports.
+    pub pool: WorkerPool,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     pub retry: RetryPolicy,
@@ -159,6 +152,14 @@ impl Pipeline {
     /// Answers one delivery and acks, retries or requeues it. An error means the session
     /// must not be trusted any more: the caller reconnects.
     pub async fn handle(&self, delivery: Delivery, publisher: &Publisher) -> Result<(), SessionBroken> {
+        // Every log line of the task carries its correlation id (recorded once the body
+        // is parsed, or from the AMQP property until then) and its delivery tag.
+        let property = delivery.properties.correlation_id().as_ref().map(|id| id.as_str().to_owned());
+        let span = tracing::info_span!("task", delivery_tag = delivery.delivery_tag, correlation_id = property);
+        self.handle_in_span(delivery, publisher).instrument(span).await
+    }
+
+    async fn handle_in_span(&self, delivery: Delivery, publisher: &Publisher) -> Result<(), SessionBroken> {
         let _in_flight = InFlight::new(&self.metrics);
         let received = Received { at: SystemTime::now(), started: Instant::now() };
         let result = match AssertUnwindSafe(self.process(&delivery, publisher, received)).catch_unwind().await {
@@ -174,17 +175,17 @@ impl Pipeline {
         let micros = received.started.elapsed().as_micros() as u64;
         match (&result, &applied) {
             (Ok(Handled::Answered { routed }), Ok(())) => {
-                self.metrics.task(outcome::ANSWERED);
+                self.metrics.task(Outcome::Answered);
                 debug!(delivery_tag = tag, micros, "report published");
                 warn_unroutable(*routed, &delivery);
             }
             (Ok(Handled::ErrorReported { code, routed }), Ok(())) => {
-                self.metrics.task(outcome::ERROR_REPORT);
+                self.metrics.task(Outcome::ErrorReport);
                 info!(delivery_tag = tag, code, "error report published for a task with bad phones");
                 warn_unroutable(*routed, &delivery);
             }
             (Ok(Handled::DeadLettered { reason, detail }), Ok(())) => {
-                self.metrics.task(outcome::DEAD_LETTERED);
+                self.metrics.task(Outcome::DeadLettered);
                 warn!(
                     delivery_tag = tag,
                     reason,
@@ -194,12 +195,12 @@ impl Pipeline {
                 );
             }
             (Err(Failure::Session(error)), Ok(())) => {
-                self.metrics.task(outcome::REQUEUED);
+                self.metrics.task(Outcome::Requeued);
                 warn!(delivery_tag = tag, %error, "task requeued: the broker session failed under it");
             }
             (Err(_), Ok(())) => {} // logged and counted by `retry_later`
             (_, Err(error)) => {
-                self.metrics.task(outcome::ABANDONED);
+                self.metrics.task(Outcome::Abandoned);
                 warn!(delivery_tag = tag, %error, "cannot settle the task; the broker will redeliver it");
             }
         }
@@ -217,7 +218,10 @@ impl Pipeline {
         received: Received,
     ) -> Result<Handled, Failure> {
         let task = match self.parse(delivery).await? {
-            Ok(task) => task,
+            Ok(task) => {
+                tracing::Span::current().record("correlation_id", task.correlation_id.as_property());
+                task
+            }
             Err(rejection) => {
                 let reason = rejection.code();
                 self.dead_letter(delivery, publisher, reason, rejection.to_string(), None).await?;
@@ -240,7 +244,7 @@ impl Pipeline {
                     let entries = answers.iter().map(|a| &a.json[..]);
                     complete_report_json(&task.correlation_id, received.at, entries, || received.started.elapsed())
                 };
-                let body = if offload { self.engine.run_blocking(build).await? } else { build() };
+                let body = if offload { self.pool.run(build).await? } else { build() };
                 self.metrics.report_latency.observe(received.started.elapsed().as_secs_f64());
                 let routed = self.publish_report(publisher, destination, &body, &id).await?;
                 Ok(Handled::Answered { routed })
@@ -249,14 +253,14 @@ impl Pipeline {
     }
 
     /// Parses the body (large ones on the pool).
-    async fn parse(&self, delivery: &Delivery) -> Result<Result<Task, Rejection>, EngineError> {
+    async fn parse(&self, delivery: &Delivery) -> Result<Result<Task, Rejection>, Abandoned> {
         let property_id = delivery.properties.correlation_id().as_ref().map(|id| id.as_str());
         let limits = self.limits;
         if delivery.data.len() <= OFFLOAD_BODY_BYTES {
             return Ok(parse_task(&delivery.data, property_id, limits));
         }
         let (body, property_id) = (delivery.data.clone(), property_id.map(str::to_owned));
-        self.engine.run_blocking(move || parse_task(&body, property_id.as_deref(), limits)).await
+        self.pool.run(move || parse_task(&body, property_id.as_deref(), limits)).await
     }
 
     /// A client's `reply_to`, unless it is empty or names a queue the service consumes
@@ -311,7 +315,7 @@ impl Pipeline {
         let reason = Reason { code, detail, at: format_timestamp(SystemTime::now()), by: &self.instance, attempts };
         let properties = dead_letter::copy_properties(&delivery.properties, origin, &reason);
         publisher.publish_to_own(&self.topology.dead_letter_queue, &delivery.data, properties).await?;
-        self.metrics.dead_lettered.get_or_create(&ReasonLabel { reason: code }).inc();
+        self.metrics.dead_lettered_as(code, 1);
         Ok(())
     }
 
@@ -337,7 +341,7 @@ impl Pipeline {
                 let properties = retry::copy_properties(&delivery.properties, attempts);
                 let parked = publisher.publish_to_own(&queue, &delivery.data, properties).await;
                 if parked.is_ok() {
-                    self.metrics.task(outcome::RETRIED);
+                    self.metrics.task(Outcome::Retried);
                     warn!(
                         delivery_tag = tag,
                         attempts,
@@ -352,7 +356,7 @@ impl Pipeline {
                 let parked =
                     self.dead_letter(delivery, publisher, "retries_exhausted", failure.clone(), Some(attempts)).await;
                 if parked.is_ok() {
-                    self.metrics.task(outcome::RETRIES_EXHAUSTED);
+                    self.metrics.task(Outcome::RetriesExhausted);
                     error!(delivery_tag = tag, attempts, failure, "task failed on every attempt; dead-lettered");
                 }
                 parked
@@ -397,286 +401,6 @@ fn warn_unroutable(routed: Routed, delivery: &Delivery) {
     }
 }
 
-/// Capped exponential backoff with jitter.
-#[derive(Debug)]
-struct Backoff {
-    first: Duration,
-    cap: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(first: Duration, cap: Duration) -> Backoff {
-        Backoff { first, cap, next: first }
-    }
-
-    fn reset(&mut self) {
-        self.next = self.first;
-    }
-
-    fn delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.cap);
-        // Jitter from the clock's nanoseconds: cheap, and enough to spread a fleet out.
-        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        base.mul_f64(0.8 + 0.4 * f64::from(nanos % 1000) / 1000.0)
-    }
-}
-
-/// Why a session ended.
-#[derive(Debug)]
-enum SessionEnd {
-    /// Shutdown was requested.
-    Shutdown,
-    /// The connection or the consumer went away, or a task found the session broken.
-    Lost(String),
-    /// The broker delivered a message lapin cannot decode (see `poison`).
-    Undecodable(String),
-}
-
-/// What tasks report to the session that runs them.
-#[derive(Debug, Default)]
-struct SessionState {
-    /// Cancelled by a task that found the session broken.
-    broken: CancellationToken,
-    /// Set once a task of this session was answered and acked.
-    answered: AtomicBool,
-}
-
-/// Consumes tasks until `shutdown`: connects (retrying with backoff), runs each
-/// delivery as its own task, reconnects when the session is lost or broken, moves
-/// messages lapin cannot decode to the DLQ, and on shutdown stops consuming, requeues
-/// what was prefetched but not started, waits for tasks in flight and closes the
-/// connection, all within the shutdown deadline.
-pub async fn serve(pipeline: Arc<Pipeline>, health: Arc<Health>, sweeper: Sweeper, shutdown: Arc<Shutdown>) {
-    let topology = pipeline.topology.clone();
-    let metrics = Arc::clone(&pipeline.metrics);
-    let mut tasks: JoinSet<()> = JoinSet::new();
-    let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
-    let mut poison_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-    let mut sweep_pending = false;
-    let mut sessions = 0u64;
-    loop {
-        if sweep_pending {
-            match sweeper.sweep(&shutdown).await {
-                Ok(moved) if moved > 0 => {
-                    sweep_pending = false;
-                    poison_backoff.reset();
-                    health.set_undecodable(false);
-                    metrics.consumer_stuck.set(0);
-                    metrics.dead_lettered.get_or_create(&ReasonLabel { reason: "undecodable" }).inc_by(moved);
-                    metrics
-                        .tasks
-                        .get_or_create(&crate::metrics::OutcomeLabel { outcome: outcome::DEAD_LETTERED })
-                        .inc_by(moved);
-                    warn!(
-                        moved,
-                        queue = topology.dead_letter_queue.as_str(),
-                        "moved undecodable messages to the dead-letter queue"
-                    );
-                }
-                Ok(_) => debug!("the undecodable message was not among the messages the sweep received"),
-                Err(error) => warn!(%error, "the sweep for undecodable messages failed"),
-            }
-        }
-        let opened = tokio::select! {
-            _ = shutdown.cancelled() => None,
-            opened = Session::open(&topology) => Some(opened),
-        };
-        let mut session = match opened {
-            None => break,
-            Some(Ok(session)) => session,
-            Some(Err(error)) => {
-                let delay = backoff.delay();
-                warn!(%error, retry_in_ms = delay.as_millis() as u64, broker = %topology.url, "cannot reach the broker");
-                if pause(&shutdown, delay).await {
-                    continue;
-                }
-                break;
-            }
-        };
-        if sessions > 0 {
-            metrics.reconnects.inc();
-        }
-        sessions += 1;
-        health.set_consumer_attached(true);
-        info!(
-            event = "Consumer connected and ready to consume messages.",
-            queue = topology.task_queue.as_str(),
-            prefetch = topology.prefetch,
-            broker = %topology.url
-        );
-        let opened_at = Instant::now();
-        let state = Arc::new(SessionState::default());
-        let end = run_session(&mut session, &pipeline, &state, &mut tasks, &shutdown, &health).await;
-        health.set_consumer_attached(false);
-        let healthy = state.answered.load(Ordering::SeqCst) || opened_at.elapsed() >= HEALTHY_PERIOD;
-        match end {
-            SessionEnd::Shutdown => {
-                stop(&mut session, &mut tasks, &shutdown).await;
-                return;
-            }
-            SessionEnd::Lost(why) => {
-                warn!(reason = why.as_str(), "the broker session ended; reconnecting");
-                if healthy {
-                    backoff.reset();
-                }
-                if opened_at.elapsed() >= HEALTHY_PERIOD && !sweep_pending {
-                    health.set_undecodable(false);
-                    metrics.consumer_stuck.set(0);
-                }
-            }
-            SessionEnd::Undecodable(why) => {
-                metrics.undecodable.inc();
-                metrics.consumer_stuck.set(1);
-                if !health.undecodable() {
-                    error!(
-                        reason = why.as_str(),
-                        queue = topology.task_queue.as_str(),
-                        "the broker delivered a message the AMQP client cannot decode (a property or header name that \
-                         is not UTF-8, or a header of an unknown type), which drops the connection; moving it to the \
-                         dead-letter queue. If this repeats, the message is stuck at the head of the queue: remove it \
-                         by hand (see README, 'Undecodable messages')"
-                    );
-                }
-                health.set_undecodable(true);
-                sweep_pending = true;
-                let delay = poison_backoff.delay();
-                close_session(&session, &shutdown).await;
-                if pause(&shutdown, delay).await {
-                    continue;
-                }
-                break;
-            }
-        }
-        close_session(&session, &shutdown).await;
-        // Every reconnect waits, so a session that keeps failing never spins.
-        if !pause(&shutdown, backoff.delay()).await {
-            break;
-        }
-    }
-    drain_tasks(&mut tasks, shutdown.drain_deadline()).await;
-}
-
-/// Waits `delay`, or less if shutdown is requested; true when the wait was complete.
-async fn pause(shutdown: &Shutdown, delay: Duration) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
-    }
-}
-
-/// Runs one session until it ends.
-async fn run_session(
-    session: &mut Session,
-    pipeline: &Arc<Pipeline>,
-    state: &Arc<SessionState>,
-    tasks: &mut JoinSet<()>,
-    shutdown: &Shutdown,
-    health: &Health,
-) -> SessionEnd {
-    let mut check = tokio::time::interval(SESSION_CHECK);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let healthy_after = tokio::time::sleep(HEALTHY_PERIOD);
-    tokio::pin!(healthy_after);
-    let mut healthy_seen = false;
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-            _ = state.broken.cancelled() => return SessionEnd::Lost("a task found the session broken".into()),
-            _ = check.tick() => {
-                if !session.is_open() {
-                    return SessionEnd::Lost("the connection or a channel was closed".into());
-                }
-            }
-            _ = &mut healthy_after, if !healthy_seen => {
-                healthy_seen = true;
-                if health.undecodable() {
-                    info!("the consumer has run cleanly since the undecodable message; clearing the stuck state");
-                    health.set_undecodable(false);
-                    pipeline.metrics.consumer_stuck.set(0);
-                }
-            }
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_panic(joined),
-            next = session.consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    let (pipeline, publisher, state) = (Arc::clone(pipeline), session.publisher.clone(), Arc::clone(state));
-                    tasks.spawn(async move {
-                        match pipeline.handle(delivery, &publisher).await {
-                            Ok(()) => state.answered.store(true, Ordering::SeqCst),
-                            Err(broken) => {
-                                warn!(reason = broken.0.as_str(), "the broker session is broken; reconnecting");
-                                state.broken.cancel();
-                            }
-                        }
-                    });
-                }
-                Some(Err(error)) => {
-                    return match error.kind() {
-                        lapin::ErrorKind::ParsingError(_) => SessionEnd::Undecodable(error.to_string()),
-                        _ => SessionEnd::Lost(format!("lost the broker connection: {error}")),
-                    };
-                }
-                None => return SessionEnd::Lost("the broker cancelled the consumer".into()),
-            },
-        }
-    }
-}
-
-/// The shutdown sequence of the live session, within the shutdown deadline: stop
-/// consuming, requeue deliveries prefetched but not started, let tasks in flight finish
-/// until the drain deadline, close the connection.
-async fn stop(session: &mut Session, tasks: &mut JoinSet<()>, shutdown: &Shutdown) {
-    if let Err(error) = session.stop_consuming(shutdown.left_until(shutdown.drain_deadline())).await {
-        warn!(%error, "cannot cancel the consumer; closing the connection requeues what is unhandled");
-    }
-    let mut requeued = 0u64;
-    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_millis(50), session.consumer.next()).await {
-        if broker::requeue_within(&delivery, shutdown.left_until(shutdown.drain_deadline())).await.is_ok() {
-            requeued += 1;
-        }
-    }
-    if requeued > 0 {
-        info!(requeued, "requeued tasks that were prefetched but not started");
-    }
-    drain_tasks(tasks, shutdown.drain_deadline()).await;
-    close_session(session, shutdown).await;
-}
-
-async fn close_session(session: &Session, shutdown: &Shutdown) {
-    let within =
-        if shutdown.is_cancelled() { shutdown.left_until(shutdown.close_deadline()) } else { broker::BROKER_TIMEOUT };
-    if let Err(error) = session.close(within).await {
-        debug!(%error, "closing the broker connection");
-    }
-}
-
-async fn drain_tasks(tasks: &mut JoinSet<()>, deadline: Instant) {
-    let in_flight = tasks.len();
-    let drained = tokio::time::timeout_at(deadline.into(), async {
-        while let Some(joined) = tasks.join_next().await {
-            log_panic(joined);
-        }
-    })
-    .await;
-    match drained {
-        Ok(()) => info!(in_flight, "in-flight tasks finished"),
-        Err(_) => {
-            warn!(left = tasks.len(), "shutdown deadline: abandoning tasks still running; the broker requeues them");
-            tasks.abort_all();
-        }
-    }
-}
-
-fn log_panic(joined: Result<(), tokio::task::JoinError>) {
-    if let Err(error) = joined
-        && error.is_panic()
-    {
-        error!(%error, "a task panicked outside its pipeline; its delivery is requeued by the broker when the channel closes");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -694,7 +418,8 @@ mod tests {
         let stale = Err(Failure::Engine(EngineError::Stale(StaleData::Changed)));
         let refused = Err(Failure::from(BrokerError::Nacked));
         let panicked = Err(Failure::Panicked("boom".into()));
-        for result in [stale, refused, panicked] {
+        let abandoned = Err(Failure::Abandoned(Abandoned));
+        for result in [stale, refused, panicked, abandoned] {
             assert_eq!(disposition(&result), Disposition::Retry, "{result:?}");
         }
         let timeout = Err(Failure::from(BrokerError::Timeout { operation: "publisher confirm" }));
@@ -703,16 +428,5 @@ mod tests {
         for result in [timeout, lost, closed] {
             assert_eq!(disposition(&result), Disposition::Requeue, "{result:?}");
         }
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_cap_with_bounded_jitter() {
-        let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
-        let delays: Vec<Duration> = (0..10).map(|_| backoff.delay()).collect();
-        assert!(delays[0] >= FIRST_RETRY.mul_f64(0.8) && delays[0] <= FIRST_RETRY.mul_f64(1.2));
-        assert!(delays.iter().all(|d| *d <= MAX_RETRY.mul_f64(1.2)));
-        assert!(delays[9] >= MAX_RETRY.mul_f64(0.8));
-        backoff.reset();
-        assert!(backoff.delay() <= FIRST_RETRY.mul_f64(1.2));
     }
 }
