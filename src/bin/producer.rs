@@ -148,28 +148,12 @@ async fn run(command: Command, config: Config) -> Result<()> {
             };
             let bar = ProgressBar::with_draw_target(Some(tasks), ProgressDrawTarget::stderr());
             bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} answered  {per_sec}  eta {eta}")?);
-            let summary = producer::load(&client, options, &bar).await?;
+            let summary = producer::load(&client, options, &|answered| bar.set_position(answered)).await?;
             bar.finish_and_clear();
             if json {
                 println!("{}", sonic_rs::to_string(&summary)?);
             } else {
-                let l = summary.latency;
-                println!(
-                    "tasks {} (concurrency {}): sent {}, answered {}, error reports {}, duplicates {}, unanswered {}, not sent {}",
-                    summary.tasks,
-                    summary.concurrency,
-                    summary.sent,
-                    summary.answered,
-                    summary.error_reports,
-                    summary.duplicates,
-                    summary.unanswered,
-                    summary.not_sent
-                );
-                println!("{:.0} tasks/s over {:.2} s", summary.throughput_per_s, summary.elapsed_s);
-                println!(
-                    "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-                    l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
-                );
+                println!("{summary}");
             }
             if !summary.passed() {
                 bail!(

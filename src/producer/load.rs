@@ -4,7 +4,6 @@
 use super::{Client, ClientError, amqp, is_error_report, persistent_json, reply_id, task_body};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
-use indicatif::ProgressBar;
 use lapin::options::{BasicPublishOptions, BasicQosOptions};
 use serde::Serialize;
 use std::sync::Arc;
@@ -70,6 +69,31 @@ impl LoadSummary {
     }
 }
 
+/// The summary as the producer prints it: counts, throughput, latency percentiles.
+impl std::fmt::Display for LoadSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let l = &self.latency;
+        writeln!(
+            f,
+            "tasks {} (concurrency {}): sent {}, answered {}, error reports {}, duplicates {}, unanswered {}, not sent {}",
+            self.tasks,
+            self.concurrency,
+            self.sent,
+            self.answered,
+            self.error_reports,
+            self.duplicates,
+            self.unanswered,
+            self.not_sent
+        )?;
+        writeln!(f, "{:.0} tasks/s over {:.2} s", self.throughput_per_s, self.elapsed_s)?;
+        write!(
+            f,
+            "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
+        )
+    }
+}
+
 /// Per-task bookkeeping shared by the sender and the receiver.
 struct Ledger {
     sent_at: Vec<Option<Instant>>,
@@ -78,14 +102,18 @@ struct Ledger {
 
 /// Runs a load test: keeps `concurrency` tasks in flight until `tasks` are answered (or
 /// nothing arrives for `idle_timeout`), measuring each from publish to reply.
-pub async fn load(client: &Client, options: LoadOptions, progress: &ProgressBar) -> Result<LoadSummary, ClientError> {
+/// `progress` is called with the number of tasks answered so far, after each answer.
+pub async fn load(
+    client: &Client,
+    options: LoadOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<LoadSummary, ClientError> {
     let (queue, mut replies) = client.reply_queue().await?;
     client.channel.basic_qos(0, BasicQosOptions::default()).await.map_err(amqp("basic.qos"))?;
     let n = options.tasks as usize;
     let ledger = Arc::new(parking_lot::Mutex::new(Ledger { sent_at: vec![None; n], answered: vec![false; n] }));
     let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let stop = CancellationToken::new();
-    progress.set_length(options.tasks);
     let started = Instant::now();
 
     let sender = {
@@ -162,7 +190,7 @@ pub async fn load(client: &Client, options: LoadOptions, progress: &ProgressBar)
         answered += 1;
         errors += u64::from(is_error_report(&delivery.data));
         permits.add_permits(1);
-        progress.inc(1);
+        progress(answered);
     }
     let elapsed = started.elapsed();
     stop.cancel();
