@@ -55,14 +55,17 @@ impl Running {
         self.http_addr
     }
 
+    /// Its metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
+    /// Its health, as `/health` reports it.
     pub fn health(&self) -> &Arc<Health> {
         &self.health
     }
 
+    /// Its engine (data, cache and statistics).
     pub fn engine(&self) -> &Engine {
         &self.engine
     }

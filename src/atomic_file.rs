@@ -27,6 +27,7 @@ impl AtomicFile {
         Ok(AtomicFile { target: target.to_owned(), temp })
     }
 
+    /// The temporary file, to write the contents to.
     pub fn file(&self) -> &std::fs::File {
         self.temp.as_file()
     }

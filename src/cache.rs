@@ -26,16 +26,20 @@ use std::time::Duration;
 /// every report that hits the cache).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
+    /// The statistics.
     pub stats: CallStats,
+    /// The phone's entry of a report's `data`, serialised.
     pub json: Arc<[u8]>,
 }
 
 /// One cached phone, as the snapshot stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CachedPhone {
+    /// The phone.
     pub phone: u64,
     /// Wall-clock expiry, ms since the Unix epoch.
     pub expires_ms: u64,
+    /// Its statistics.
     pub stats: CallStats,
 }
 
@@ -52,6 +56,8 @@ struct Entry {
     unsaved: bool,
 }
 
+/// The statistics cache: phone -> answer, each entry kept for the TTL, at most
+/// `capacity` entries (CLOCK eviction), with the changes since the last snapshot listed.
 #[derive(Debug)]
 pub struct Cache {
     /// Zero: caching disabled.
@@ -82,14 +88,17 @@ impl Cache {
         }
     }
 
+    /// Whether it caches at all (a TTL above zero).
     pub fn enabled(&self) -> bool {
         self.ttl_ms > 0
     }
 
+    /// Phones held (some perhaps expired, until swept).
     pub fn len(&self) -> usize {
         self.index.len()
     }
 
+    /// Whether it holds no phone.
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()
     }

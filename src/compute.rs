@@ -1,6 +1,6 @@
 //! Parallel aggregation: the statistics of a list of phones from a dataset, on rayon.
 //!
-//! Work is cut into units of about [`UNIT_BYTES`] of records, so it spreads across the
+//! Work is cut into units of about `UNIT_BYTES` of records, so it spreads across the
 //! pool both across phones and within a phone with many records; partial results merge
 //! exactly (see `stats`). This module blocks the calling thread: the service calls it
 //! from the rayon pool, never from the async runtime.

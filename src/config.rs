@@ -15,8 +15,11 @@ use std::time::Duration;
 /// One setting: its variable, default (None = computed) and meaning.
 #[derive(Debug, Clone, Copy)]
 pub struct Setting {
+    /// The environment variable (and, in kebab case, the flag).
     pub variable: &'static str,
+    /// Its default, if it has a fixed one.
     pub default: Option<&'static str>,
+    /// What it sets, for `--help`.
     pub help: &'static str,
 }
 
@@ -68,9 +71,11 @@ pub const SETTINGS: [Setting; 19] = [
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {variable}={value:?}: expected {expected}")]
 pub struct ConfigError {
+    /// The setting's variable.
     pub variable: &'static str,
     /// The value as given (a URL's password redacted).
     pub value: String,
+    /// What would have been accepted.
     pub expected: String,
 }
 
@@ -122,27 +127,44 @@ pub fn redact(url: &str) -> String {
 /// The service's settings. See [`SETTINGS`] for defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// `AMQP_URL`.
     pub amqp_url: AmqpUrl,
+    /// `TASK_QUEUE`.
     pub task_queue: String,
+    /// `REPORT_QUEUE`.
     pub report_queue: String,
+    /// `DEAD_LETTER_QUEUE`.
     pub dead_letter_queue: String,
+    /// `DATA_PATH`.
     pub data_path: PathBuf,
-    /// Zero disables the cache.
+    /// `CACHE_TTL_SECS`; zero disables the cache.
     pub cache_ttl: Duration,
-    /// The most phones the cache holds.
+    /// `CACHE_MAX_ENTRIES`: the most phones the cache holds.
     pub cache_max_entries: NonZeroUsize,
+    /// `SNAPSHOT_PATH`.
     pub snapshot_path: PathBuf,
+    /// `SNAPSHOT_INTERVAL_MS`.
     pub snapshot_interval: Duration,
+    /// `DATA_POLL_INTERVAL_MS`.
     pub data_poll_interval: Duration,
+    /// `PREFETCH`.
     pub prefetch: NonZeroU16,
+    /// `MAX_PHONES_PER_TASK`.
     pub max_phones_per_task: NonZeroUsize,
+    /// `MAX_TASK_BYTES`.
     pub max_task_bytes: NonZeroUsize,
+    /// `MAX_ATTEMPTS`.
     pub max_attempts: NonZeroU32,
-    /// The wait after a task's first failed attempt; doubled after each further one.
+    /// `RETRY_DELAY_MS`: the wait after a task's first failed attempt; doubled after
+    /// each further one.
     pub retry_delay: Duration,
+    /// `WORKER_THREADS`.
     pub worker_threads: NonZeroUsize,
+    /// `HTTP_ADDR`.
     pub http_addr: SocketAddr,
+    /// `SHUTDOWN_TIMEOUT_SECS`.
     pub shutdown_timeout: Duration,
+    /// `RUST_LOG`.
     pub log_filter: String,
 }
 

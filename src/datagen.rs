@@ -4,8 +4,12 @@
 //! blocks, each from its own generator seeded by (seed, block number), formatted in
 //! parallel on rayon and written in order.
 
+use crate::atomic_file::{self, AtomicFile};
 use rayon::prelude::*;
-use std::io::{self, Write};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 /// How records are laid out in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +31,7 @@ impl Layout {
     /// The names the `datagen --layout` flag takes.
     pub const NAMES: [&'static str; 4] = ["sorted", "shuffled", "pretty", "many-phones"];
 
+    /// The layout named `name` (one of [`Layout::NAMES`]).
     pub fn from_name(name: &str) -> Option<Layout> {
         match name {
             "sorted" => Some(Layout::Sorted),
@@ -38,13 +43,18 @@ impl Layout {
     }
 }
 
+/// What to generate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
+    /// How many phones.
     pub phones: u64,
+    /// How many records each phone has.
     pub per_phone: u64,
     /// The first phone number; phones are `phone_base..phone_base + phones`.
     pub phone_base: u64,
+    /// The random seed: the same options write the same bytes.
     pub seed: u64,
+    /// How records are ordered and formatted.
     pub layout: Layout,
     /// Shuffle record order whatever the layout (Shuffled implies it).
     pub shuffle: bool,
@@ -64,6 +74,83 @@ impl Default for Options {
             shuffle: false,
             max_duration_s: 120,
         }
+    }
+}
+
+impl Options {
+    /// Records to write.
+    pub fn records(&self) -> u64 {
+        self.phones * self.per_phone
+    }
+
+    /// About how many bytes the file will have (for a progress bar): compact records are
+    /// ~64 bytes plus the phone's digits.
+    pub fn estimated_bytes(&self) -> u64 {
+        let digits = (self.phone_base + self.phones).max(1).ilog10() as u64 + 1;
+        let per_record = if self.layout == Layout::Pretty { 190 } else { 64 + digits };
+        self.records() * per_record
+    }
+}
+
+/// Why [`write_file`] left the target as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// `stop` was set; the partial file is removed.
+    #[error("interrupted; nothing written to {}", .0.display())]
+    Interrupted(PathBuf),
+    /// Writing or renaming failed.
+    #[error("cannot write {}: {source}", path.display())]
+    Io {
+        /// The target.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Writes the file `options` describe to `target`: into a temporary file beside it,
+/// renamed over it once complete and readable by all, so readers (the service's reload
+/// watcher) only ever see a whole file. Temporaries a killed run left behind are removed
+/// first. Stops at its next write once `stop` is set. Returns the bytes written.
+pub fn write_file(
+    options: &Options,
+    target: &Path,
+    progress: &dyn Fn(u64),
+    stop: &AtomicBool,
+) -> Result<u64, WriteError> {
+    let failed = |source| WriteError::Io { path: target.to_owned(), source };
+    atomic_file::remove_stale_temporaries(target, Duration::from_secs(60));
+    let file = AtomicFile::create(target).map_err(failed)?;
+    let mut out = BufWriter::with_capacity(8 << 20, Stoppable { inner: file.file(), stop });
+    let written = match generate(options, &mut out, progress).and_then(|written| out.flush().map(|()| written)) {
+        Ok(written) => written,
+        // The partial file is removed as `file` drops.
+        Err(_) if stop.load(Ordering::SeqCst) => return Err(WriteError::Interrupted(target.to_owned())),
+        Err(error) => return Err(failed(error)),
+    };
+    drop(out);
+    file.readable_by_all().map_err(failed)?;
+    file.commit().map_err(failed)?;
+    Ok(written)
+}
+
+/// A writer that fails once `stop` is set, ending the generation at its next write.
+struct Stoppable<'a, W> {
+    inner: W,
+    stop: &'a AtomicBool,
+}
+
+impl<W: Write> Write for Stoppable<'_, W> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        if self.stop.load(Ordering::SeqCst) {
+            return Err(io::Error::other("stopped by a signal"));
+        }
+        self.inner.write(bytes)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 

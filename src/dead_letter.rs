@@ -32,9 +32,13 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Where and how a message was received, for the copy's headers.
 #[derive(Debug, Clone, Copy)]
 pub struct Origin<'a> {
+    /// The queue it was consumed from.
     pub queue: &'a str,
+    /// The exchange it was published to.
     pub exchange: &'a str,
+    /// The routing key it was published with.
     pub routing_key: &'a str,
+    /// Whether it had been delivered before.
     pub redelivered: bool,
 }
 
@@ -43,6 +47,7 @@ pub struct Origin<'a> {
 pub struct Reason<'a> {
     /// The stable code (`not_json`, `retries_exhausted`, ...).
     pub code: &'static str,
+    /// For a person, at most `MAX_DETAIL_BYTES`.
     pub detail: String,
     /// `x-rejected-at`, as `message::format_timestamp` writes it.
     pub at: String,

@@ -25,13 +25,16 @@ use tokio::sync::watch;
 /// computations of different versions apart.
 #[derive(Debug)]
 pub struct Loaded {
+    /// The mapped, indexed file.
     pub dataset: Dataset,
+    /// Its version number (1 for the file read at startup, then one per reload).
     pub epoch: u64,
 }
 
 /// Why statistics could not be produced; the task is worth retrying.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
+    /// The file changed under its index.
     #[error(transparent)]
     Stale(#[from] StaleData),
     /// The computation died (a worker panicked); nothing was produced.
@@ -94,6 +97,7 @@ pub struct EngineBuilder {
 }
 
 impl EngineBuilder {
+    /// How it caches (default: no cache).
     pub fn cache(mut self, cache: CacheSettings) -> EngineBuilder {
         self.cache = cache;
         self
@@ -105,6 +109,7 @@ impl EngineBuilder {
         self
     }
 
+    /// Where it counts cache entries, phones and data figures.
     pub fn metrics(mut self, metrics: Arc<Metrics>) -> EngineBuilder {
         self.metrics = metrics;
         self
@@ -117,6 +122,7 @@ impl EngineBuilder {
         self
     }
 
+    /// The engine, serving the dataset it was built with.
     pub fn build(self) -> Engine {
         record_data_metrics(&self.metrics, &self.dataset);
         let cache = Cache::new(self.cache.ttl, self.cache.max_entries);
@@ -152,6 +158,7 @@ impl Engine {
         self.inner.data.load_full()
     }
 
+    /// The pool it computes on.
     pub fn pool(&self) -> &WorkerPool {
         &self.inner.pool
     }
@@ -324,6 +331,7 @@ impl Inner {
 pub struct CacheSettings {
     /// Zero disables the cache.
     pub ttl: Duration,
+    /// The most phones held.
     pub max_entries: usize,
 }
 

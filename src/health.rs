@@ -8,7 +8,9 @@ use tokio::sync::watch;
 /// The readiness inputs at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HealthState {
+    /// A dataset is indexed and served.
     pub index_ready: bool,
+    /// A consumer is attached to the task queue.
     pub consumer_attached: bool,
     /// A delivery could not be decoded and has not been moved out of the way yet.
     pub undecodable: bool,
@@ -17,11 +19,13 @@ pub struct HealthState {
 }
 
 impl HealthState {
+    /// Ready to answer tasks: indexed, consuming, and not blocked by a poison message.
     pub fn ready(&self) -> bool {
         self.index_ready && self.consumer_attached && !self.undecodable
     }
 }
 
+/// The service's readiness, set by the parts that know and watched by `/health`.
 #[derive(Debug)]
 pub struct Health {
     state: watch::Sender<HealthState>,
@@ -34,10 +38,12 @@ impl Default for Health {
 }
 
 impl Health {
+    /// Whether a dataset is served.
     pub fn set_index_ready(&self, ready: bool) {
         self.state.send_if_modified(|s| std::mem::replace(&mut s.index_ready, ready) != ready);
     }
 
+    /// Whether a consumer is attached; each attachment counts a session.
     pub fn set_consumer_attached(&self, attached: bool) {
         self.state.send_modify(|s| {
             if attached && !s.consumer_attached {
@@ -47,10 +53,12 @@ impl Health {
         });
     }
 
+    /// Whether a poison message blocks the task queue.
     pub fn set_undecodable(&self, stuck: bool) {
         self.state.send_if_modified(|s| std::mem::replace(&mut s.undecodable, stuck) != stuck);
     }
 
+    /// The inputs now.
     pub fn state(&self) -> HealthState {
         *self.state.borrow()
     }
@@ -60,18 +68,22 @@ impl Health {
         self.state.subscribe()
     }
 
+    /// See [`HealthState::index_ready`].
     pub fn index_ready(&self) -> bool {
         self.state().index_ready
     }
 
+    /// See [`HealthState::consumer_attached`].
     pub fn consumer_attached(&self) -> bool {
         self.state().consumer_attached
     }
 
+    /// See [`HealthState::undecodable`].
     pub fn undecodable(&self) -> bool {
         self.state().undecodable
     }
 
+    /// See [`HealthState::ready`].
     pub fn ready(&self) -> bool {
         self.state().ready()
     }

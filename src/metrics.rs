@@ -16,8 +16,11 @@ use std::sync::atomic::AtomicU64;
 /// How a task ended (the `outcome` label of `report_service_tasks_total`).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Outcome {
+    /// A report was published.
     Answered,
+    /// An error report was published (invalid phones).
     ErrorReport,
+    /// The message was copied to the dead-letter queue (not a task).
     DeadLettered,
     /// Processing failed; the task was parked in a retry queue.
     Retried,
@@ -106,20 +109,35 @@ pub struct Metrics {
     tasks: Family<OutcomeLabel, Counter>,
     phones: Family<SourceLabel, Counter>,
     dead_lettered: Family<ReasonLabel, Counter>,
+    /// `report_service_report_latency_seconds`.
     pub report_latency: Histogram,
+    /// `report_service_tasks_in_flight`.
     pub tasks_in_flight: Gauge,
+    /// `report_service_index_build_seconds`.
     pub index_build_seconds: Gauge<f64, AtomicU64>,
+    /// `report_service_cache_entries`.
     pub cache_entries: Gauge,
+    /// `report_service_snapshot_writes_total`.
     pub snapshot_writes: Counter,
+    /// `report_service_snapshot_failures_total`.
     pub snapshot_failures: Counter,
+    /// `report_service_broker_reconnects_total`.
     pub reconnects: Counter,
+    /// `report_service_reply_to_refused_total`.
     pub reply_to_refused: Counter,
+    /// `report_service_undecodable_deliveries_total`.
     pub undecodable: Counter,
+    /// `report_service_consumer_stuck`.
     pub consumer_stuck: Gauge,
+    /// `report_service_data_reloads_total`.
     pub data_reloads: Counter,
+    /// `report_service_data_reload_failures_total`.
     pub data_reload_failures: Counter,
+    /// `report_service_data_bytes`.
     pub data_bytes: Gauge,
+    /// `report_service_data_records`.
     pub data_records: Gauge,
+    /// `report_service_data_phones`.
     pub data_phones: Gauge,
 }
 
@@ -130,6 +148,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric at zero, registered under the `report_service_` prefix.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("report_service");
         let metrics = Metrics {
@@ -220,6 +239,7 @@ impl Metrics {
         self.tasks.get_or_create(&OutcomeLabel { outcome }).inc_by(n);
     }
 
+    /// Counts one task that ended with `outcome`.
     pub fn task(&self, outcome: Outcome) {
         self.tasks_ended(outcome, 1);
     }
@@ -229,6 +249,7 @@ impl Metrics {
         self.dead_lettered.get_or_create(&ReasonLabel { reason }).inc_by(n);
     }
 
+    /// Counts `count` phones reported from `source`.
     pub fn phones_from(&self, source: Source, count: u64) {
         if count > 0 {
             self.phones.get_or_create(&SourceLabel { source }).inc_by(count);
@@ -240,6 +261,7 @@ impl Metrics {
         self.tasks.get_or_create(&OutcomeLabel { outcome }).get()
     }
 
+    /// Phones reported from `source` so far, for tests and logs.
     pub fn phones_with(&self, source: Source) -> u64 {
         self.phones.get_or_create(&SourceLabel { source }).get()
     }

@@ -29,9 +29,25 @@ const OFFLOAD_PHONES: usize = 256;
 /// How a task was answered. Every variant means the broker confirmed the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
-    Answered { routed: Routed },
-    ErrorReported { code: &'static str, routed: Routed },
-    DeadLettered { reason: &'static str, detail: String },
+    /// A report was published.
+    Answered {
+        /// Whether a queue took it.
+        routed: Routed,
+    },
+    /// An error report was published.
+    ErrorReported {
+        /// The error code it carries.
+        code: &'static str,
+        /// Whether a queue took it.
+        routed: Routed,
+    },
+    /// The message was copied to the dead-letter queue.
+    DeadLettered {
+        /// The reason code (`x-rejection-reason`).
+        reason: &'static str,
+        /// For a person.
+        detail: String,
+    },
 }
 
 /// Why a task could not be answered this time.
@@ -45,6 +61,7 @@ pub enum Failure {
     /// publishes).
     #[error("the broker refused the answer: {0}")]
     Refused(BrokerError),
+    /// A bug: processing panicked (with this message).
     #[error("processing panicked: {0}")]
     Panicked(String),
     /// A job handed to the worker pool (parsing a large body, building a large report)
@@ -66,6 +83,7 @@ impl From<BrokerError> for Failure {
 /// What happens to the delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
+    /// Done with it: answered, or dead-lettered.
     Ack,
     /// Try it again later: republish it to a retry queue (or, after its last attempt,
     /// to the DLQ), then ack it.
@@ -114,12 +132,17 @@ enum Destination<'a> {
 /// Everything a task needs besides its delivery and the session's publisher.
 #[derive(Debug)]
 pub struct Pipeline {
+    /// Statistics and the cache.
     pub engine: Engine,
     /// For parsing large bodies and building large reports.
     pub pool: WorkerPool,
+    /// What a task may be.
     pub limits: Limits,
+    /// Where outcomes are counted.
     pub metrics: Arc<Metrics>,
+    /// How often and how long after a failure a task is tried again.
     pub retry: RetryPolicy,
+    /// Which queues are whose.
     pub topology: Topology,
     /// This instance's name, in dead-letter headers (`x-rejected-by`).
     pub instance: String,

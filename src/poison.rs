@@ -49,6 +49,7 @@ pub struct Sweeper {
 }
 
 impl Sweeper {
+    /// A sweeper for `topology`'s task queue, naming `instance` in dead-letter headers.
     pub fn new(topology: &Topology, instance: &str) -> Sweeper {
         let endpoint = topology.url.expose().parse::<lapin::uri::AMQPUri>().ok().map(|uri| Endpoint::from_uri(&uri));
         Sweeper {

@@ -26,14 +26,18 @@ use tracing::{error, info, warn};
 /// How many replacements were swapped in and how many failed, for whoever waits for one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reloads {
+    /// Replacements indexed and served.
     pub swapped: u64,
+    /// Replacements that could not be indexed.
     pub failed: u64,
 }
 
 /// Where the watcher looks and what it uses.
 #[derive(Debug)]
 pub struct Watch {
+    /// The data file.
     pub path: PathBuf,
+    /// How often its identity is checked (`DATA_POLL_INTERVAL_MS`).
     pub every: Duration,
     /// Indexes replacements; its own threads, not the statistics pool's.
     pub pool: WorkerPool,
@@ -64,6 +68,7 @@ impl Settling {
     /// whichever is shorter).
     pub const SETTLE: Duration = Duration::from_millis(500);
 
+    /// Settling for one poll interval `poll`, at most [`Settling::SETTLE`].
     pub fn new(poll: Duration) -> Settling {
         Settling { candidate: None, settle: poll.min(Settling::SETTLE) }
     }

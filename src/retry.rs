@@ -41,9 +41,17 @@ pub struct RetryPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NextStep {
     /// Republish it with `attempts` recorded, to come back after `delay`.
-    Retry { attempts: u32, delay: Duration },
+    Retry {
+        /// Attempts made so far, this one included.
+        attempts: u32,
+        /// How long it waits in its retry queue.
+        delay: Duration,
+    },
     /// Dead-letter it with reason `retries_exhausted`.
-    GiveUp { attempts: u32 },
+    GiveUp {
+        /// Attempts made, all failed.
+        attempts: u32,
+    },
 }
 
 impl RetryPolicy {

@@ -8,7 +8,8 @@
 //! snapshot stays valid), so the process exits 0 within the timeout even when the broker
 //! stops answering.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -24,18 +25,22 @@ pub struct Shutdown {
 }
 
 impl Shutdown {
+    /// A shutdown that begins when `token` is cancelled and must end within `timeout`.
     pub fn new(token: CancellationToken, timeout: Duration) -> Shutdown {
         Shutdown { token, timeout, began: OnceLock::new() }
     }
 
+    /// The token whose cancellation begins it.
     pub fn token(&self) -> &CancellationToken {
         &self.token
     }
 
+    /// Waits for it to begin.
     pub async fn cancelled(&self) {
         self.token.cancelled().await;
     }
 
+    /// Whether it has begun.
     pub fn is_cancelled(&self) -> bool {
         self.token.is_cancelled()
     }
@@ -89,6 +94,29 @@ pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<tokio::tas
         tracing::info!(signal = name, "shutting down: no new tasks, finishing the ones in flight");
         token.cancel();
     }))
+}
+
+/// A flag set by the first SIGTERM or SIGINT, for synchronous programs (datagen): the
+/// handlers run on a thread of their own. A process that is PID 1 in a container ignores
+/// a signal it has no handler for; with this one, `docker compose down` stops it at once.
+pub fn flag_on_signals() -> std::io::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let set = Arc::clone(&flag);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Installed here, before returning, so a signal right after is not missed.
+    let (mut terminate, mut interrupt) = runtime.block_on(async {
+        Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+    })?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        runtime.block_on(async {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        });
+        set.store(true, Ordering::SeqCst);
+    })?;
+    Ok(flag)
 }
 
 #[cfg(test)]

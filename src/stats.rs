@@ -13,6 +13,7 @@ const THIRTY_SECONDS_MS: i128 = 30_000;
 /// Aggregate of a phone's records (or part of them). `Default` is the empty aggregate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CallStats {
+    /// Calls.
     pub records: u64,
     /// duration <= 10 s
     pub up_to_10s: u64,
@@ -37,6 +38,7 @@ impl Default for CallStats {
 }
 
 impl CallStats {
+    /// No call.
     pub const EMPTY: CallStats = CallStats {
         records: 0,
         up_to_10s: 0,
@@ -81,6 +83,7 @@ impl CallStats {
         (self.records > 0).then(|| price(self.min_ms))
     }
 
+    /// The dearest call's price, if any call.
     pub fn max_price(&self) -> Option<f64> {
         (self.records > 0).then(|| price(self.max_ms))
     }
@@ -121,6 +124,7 @@ impl Tally {
     /// Far more than a 16 MiB span can hold (records are at least 40 bytes).
     pub const MAX_RECORDS: u64 = 1 << 19;
 
+    /// No record.
     pub const EMPTY: Tally =
         Tally { records: 0, short_and_long: 0, min_ms: i64::MAX, max_ms: i64::MIN, total_ms: 0, over_15s_total_ms: 0 };
 
@@ -130,6 +134,7 @@ impl Tally {
         self.records
     }
 
+    /// Counts one call of `ms` milliseconds.
     #[inline(always)]
     pub fn add(&mut self, ms: i64) {
         debug_assert!(ms.abs() < Tally::MAX_DURATION_MS && self.records < Tally::MAX_RECORDS);

@@ -26,24 +26,45 @@ pub const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A broker operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// lapin reported an error.
     #[error("{operation} failed: {source}")]
     Amqp {
+        /// The AMQP method, e.g. `basic.publish`.
         operation: &'static str,
+        /// lapin's error.
         #[source]
         source: lapin::Error,
     },
+    /// The broker did not answer in time.
     #[error("{operation} timed out")]
-    Timeout { operation: &'static str },
+    Timeout {
+        /// The AMQP method.
+        operation: &'static str,
+    },
+    /// A publish was nacked.
     #[error("the broker refused (nacked) the message")]
     Nacked,
+    /// A publish on a channel without confirms (a bug, never the broker's doing).
     #[error("publisher confirms are not enabled on the channel")]
     Unconfirmed,
+    /// A short string over AMQP's 255-byte limit.
     #[error("{what} is longer than 255 bytes")]
-    TooLong { what: &'static str },
+    TooLong {
+        /// Which property or name.
+        what: &'static str,
+    },
+    /// A publish that no queue took.
     #[error("the broker confirmed the message but no queue named {queue:?} took it")]
-    Unroutable { queue: String },
+    Unroutable {
+        /// The routing key (the queue's name).
+        queue: String,
+    },
+    /// An ack or nack the channel refused (it is closed or closing).
     #[error("the broker refused to {operation}: the channel is closed")]
-    ChannelClosed { operation: &'static str },
+    ChannelClosed {
+        /// The AMQP method.
+        operation: &'static str,
+    },
 }
 
 impl BrokerError {
@@ -92,12 +113,17 @@ fn short(what: &'static str, text: &str) -> Result<ShortString, BrokerError> {
 /// Where the service talks to: from [`Config`].
 #[derive(Debug, Clone)]
 pub struct Topology {
+    /// `AMQP_URL`.
     pub url: AmqpUrl,
+    /// `TASK_QUEUE`.
     pub task_queue: String,
+    /// `REPORT_QUEUE`.
     pub report_queue: String,
+    /// `DEAD_LETTER_QUEUE`.
     pub dead_letter_queue: String,
     /// The retry queues, each with its arguments (see `retry`).
     pub retry_queues: Vec<(String, FieldTable)>,
+    /// `PREFETCH`.
     pub prefetch: u16,
     /// Shown by `rabbitmqctl list_connections client_properties` and the management UI.
     pub connection_name: String,
@@ -151,7 +177,9 @@ pub struct Session {
     connection: Connection,
     consume_channel: Channel,
     consumer_tag: ShortString,
+    /// Deliveries from the task queue.
     pub consumer: Consumer,
+    /// The confirm-mode publishing channel.
     pub publisher: Publisher,
 }
 
@@ -282,6 +310,7 @@ fn next_tag() -> u64 {
 /// Whether a published message reached a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routed {
+    /// A queue took it.
     Queued,
     /// Confirmed but returned: no queue of that name (e.g. a `reply_to` queue that is gone).
     Unroutable,

@@ -11,14 +11,18 @@ use std::path::Path;
 /// Identity of one version of a data file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileIdentity {
+    /// `st_dev`.
     pub device: u64,
+    /// `st_ino`: a file renamed over the path has another.
     pub inode: u64,
+    /// Size in bytes.
     pub len: u64,
     /// Modification time, nanoseconds since the Unix epoch.
     pub modified_ns: i128,
 }
 
 impl FileIdentity {
+    /// The identity `meta` describes.
     pub fn of_metadata(meta: &Metadata) -> FileIdentity {
         FileIdentity {
             device: meta.dev(),

@@ -11,7 +11,7 @@ use std::io;
 
 /// A read-only view of one version of a data file.
 #[derive(Debug)]
-pub struct Mapping {
+pub(super) struct Mapping {
     map: Mmap,
     /// Kept open so `still_intact` can stat the mapped inode, not whatever the path
     /// names now.
@@ -30,26 +30,26 @@ impl Mapping {
     /// arbitrary (torn) bytes, and a truncation makes any read of a page past the new end
     /// raise SIGBUS, which kills the process. Replacing the file by rename is safe: the
     /// mapping keeps the old inode's blocks alive until it is dropped.
-    pub unsafe fn new(file: File) -> io::Result<Mapping> {
+    pub(super) unsafe fn new(file: File) -> io::Result<Mapping> {
         let meta = file.metadata()?;
         // SAFETY: forwarded to our caller, see `# Safety` above.
         let map = unsafe { Mmap::map(&file)? };
         Ok(Mapping { map, file, identity: FileIdentity::of_metadata(&meta) })
     }
 
-    pub fn bytes(&self) -> &[u8] {
+    pub(super) fn bytes(&self) -> &[u8] {
         &self.map
     }
 
     /// The identity of the file as it was when it was mapped.
-    pub fn identity(&self) -> FileIdentity {
+    pub(super) fn identity(&self) -> FileIdentity {
         self.identity
     }
 
     /// Whether the mapped file still has the size and modification time it was mapped
     /// with: one `fstat`, checked before every aggregation, so a file rewritten or
     /// truncated in place is noticed before its pages are read rather than after.
-    pub fn still_intact(&self) -> bool {
+    pub(super) fn still_intact(&self) -> bool {
         self.file.metadata().is_ok_and(|meta| {
             let now = FileIdentity::of_metadata(&meta);
             now.len == self.identity.len && now.modified_ns == self.identity.modified_ns

@@ -23,18 +23,43 @@ use std::time::{Duration, Instant};
 /// Why a data file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    /// The file cannot be opened or mapped.
     #[error("cannot open {path}: {source}")]
     Open {
+        /// The file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// The bytes are not a JSON array of records.
     #[error("malformed data at byte {offset}: expected {expected}, found {found}")]
-    Malformed { offset: u64, expected: Expected, found: Found },
+    Malformed {
+        /// Where scanning stopped.
+        offset: u64,
+        /// What would have been valid there.
+        expected: Expected,
+        /// What is there.
+        found: Found,
+    },
+    /// A record longer than a span can hold.
     #[error("the record at byte {offset} is {len} bytes; records over {max} bytes are not supported")]
-    RecordTooLarge { offset: u64, len: usize, max: usize },
+    RecordTooLarge {
+        /// Where it starts.
+        offset: u64,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A file longer than an index offset can address.
     #[error("the file is {len} bytes; files over {max} bytes are not supported")]
-    FileTooLarge { len: u64, max: u64 },
+    FileTooLarge {
+        /// Its size.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
 }
 
 impl From<Malformed> for DataError {
@@ -46,10 +71,17 @@ impl From<Malformed> for DataError {
 /// The bytes under an index no longer match it: the file was changed in place.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StaleData {
+    /// Its size or modification time changed.
     #[error("data file was truncated or rewritten in place since it was indexed")]
     Changed,
+    /// A span no longer starts with the phone's record.
     #[error("data file changed under the index: byte {offset} no longer holds a record of phone {phone}")]
-    Mismatch { offset: u64, phone: u64 },
+    Mismatch {
+        /// The span's first byte.
+        offset: u64,
+        /// The phone the index has there.
+        phone: u64,
+    },
 }
 
 /// One version of data.json, mapped and indexed.
@@ -88,14 +120,17 @@ impl Dataset {
         Ok(Dataset { mapping, index, path: path.to_owned(), build_time: started.elapsed() })
     }
 
+    /// Its index.
     pub fn index(&self) -> &PhoneIndex {
         &self.index
     }
 
+    /// The file's identity as it was mapped.
     pub fn identity(&self) -> FileIdentity {
         self.mapping.identity()
     }
 
+    /// The path it was opened at.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -105,7 +140,8 @@ impl Dataset {
         self.build_time
     }
 
-    /// Whether the file still has the length it was indexed with.
+    /// Whether the file still has the size and modification time it was indexed with
+    /// (one `fstat`; a file rewritten in place keeps neither).
     pub fn still_intact(&self) -> bool {
         self.mapping.still_intact()
     }

@@ -43,7 +43,7 @@ const POW10: [u64; 9] = [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_0
 /// or `None` when the run does not fit in a `u64`. Leading zeros are accepted here;
 /// the JSON grammar check is the caller's.
 #[inline(always)]
-pub fn parse_digits(bytes: &[u8], pos: usize) -> Option<(u64, usize)> {
+pub(super) fn parse_digits(bytes: &[u8], pos: usize) -> Option<(u64, usize)> {
     let mut value = 0u64;
     let mut count = 0usize;
     // Two SWAR steps cover 16 digits, which cannot overflow (10^16 < 2^64).
@@ -109,7 +109,7 @@ fn thirteen_digit_words<const VALIDATE: bool>(bytes: &[u8], pos: usize) -> Optio
 /// consecutive records parse without a serial dependency between them. Whether a
 /// fourteenth digit follows is the caller's check (it expects a literal there).
 #[inline(always)]
-pub fn thirteen_digits(bytes: &[u8], pos: usize) -> Option<u64> {
+pub(super) fn thirteen_digits(bytes: &[u8], pos: usize) -> Option<u64> {
     let (high, low) = thirteen_digit_words::<true>(bytes, pos)?;
     // `low` holds digits 5..13; its first three bytes repeat digits 5..8 of `high`.
     Some(digits_value(high, 8) * 100_000 + digits_value(low >> 24, 5))
@@ -123,7 +123,11 @@ pub fn thirteen_digits(bytes: &[u8], pos: usize) -> Option<u64> {
 /// cross a 10^8 ms boundary: nearly always) only the last eight digits of each are
 /// converted.
 #[inline(always)]
-pub fn thirteen_digit_difference<const VALIDATE: bool>(bytes: &[u8], start_at: usize, end_at: usize) -> Option<i64> {
+pub(super) fn thirteen_digit_difference<const VALIDATE: bool>(
+    bytes: &[u8],
+    start_at: usize,
+    end_at: usize,
+) -> Option<i64> {
     let (start_high, start_low) = thirteen_digit_words::<VALIDATE>(bytes, start_at)?;
     let (end_high, end_low) = thirteen_digit_words::<VALIDATE>(bytes, end_at)?;
     // Values below 10^13 fit in i64 with room to spare.

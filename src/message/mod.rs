@@ -1,4 +1,4 @@
-//! The wire contract: task messages in, report messages out (SPEC section 4).
+//! The wire contract: task messages in, report messages out (README, "Message contract").
 //!
 //! No I/O here: the broker module moves bytes, the service module decides.
 

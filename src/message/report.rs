@@ -1,4 +1,4 @@
-//! Report messages: the exact JSON clients expect (SPEC section 4).
+//! Report messages: the exact JSON clients expect (README, "Message contract").
 
 use super::{CorrelationId, InvalidPhones};
 use crate::stats::CallStats;
@@ -9,16 +9,22 @@ use std::time::{Duration, SystemTime};
 /// `status` of a report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Status {
+    /// Every requested phone is in `data`.
     Complete,
+    /// The task was refused; `error` says why and `data` is empty.
     Error,
 }
 
+/// `cnt_att_dur`: calls counted by duration band.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct DurationCounts {
+    /// `10_sec`: calls of at most 10 s.
     #[serde(rename = "10_sec")]
     pub up_to_10s: u64,
+    /// `10_30_sec`: calls over 10 s and at most 30 s.
     #[serde(rename = "10_30_sec")]
     pub from_10_to_30s: u64,
+    /// `30_sec`: calls over 30 s.
     #[serde(rename = "30_sec")]
     pub over_30s: u64,
 }
@@ -26,16 +32,24 @@ pub struct DurationCounts {
 /// One phone's entry in a report's `data`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PhoneReport {
+    /// The phone asked for.
     pub phone: u64,
+    /// Its calls.
     pub cnt_all_attempts: u64,
+    /// Its calls by duration band.
     pub cnt_att_dur: DurationCounts,
+    /// The cheapest call's price (`null` without calls).
     pub min_price_att: Option<f64>,
+    /// The dearest call's price (`null` without calls).
     pub max_price_att: Option<f64>,
+    /// The mean duration in seconds (`null` without calls).
     pub avg_dur_att: Option<f64>,
+    /// The total price of calls over 15 s.
     pub sum_price_att_over_15: f64,
 }
 
 impl PhoneReport {
+    /// The entry for `phone` with statistics `stats`.
     pub fn new(phone: u64, stats: &CallStats) -> PhoneReport {
         PhoneReport {
             phone,
@@ -56,27 +70,36 @@ impl PhoneReport {
 /// `error` of an error report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReportError {
+    /// A stable, machine-readable code (README, "Message contract").
     pub code: &'static str,
+    /// What was wrong, for a person.
     pub message: String,
 }
 
 /// A report message, field order as the starting service wrote it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
+    /// The task's id, as the task wrote it.
     pub correlation_id: CorrelationId,
+    /// Complete or error.
     pub status: Status,
     /// UTC, `%Y-%m-%d %H:%M:%S.%f`.
     pub task_received: String,
+    /// Always `report_service`.
     pub from: &'static str,
+    /// Always `client`.
     pub to: &'static str,
+    /// Why the task was refused (error reports only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ReportError>,
+    /// One entry per requested phone, in the task's order.
     pub data: Vec<PhoneReport>,
     /// Seconds from receipt of the task to the report being ready.
     pub total_duration: f64,
 }
 
 impl Report {
+    /// A complete report of `data`.
     pub fn complete(
         correlation_id: CorrelationId,
         received: SystemTime,
@@ -95,6 +118,7 @@ impl Report {
         }
     }
 
+    /// An error report for a task whose phones are invalid.
     pub fn error(correlation_id: CorrelationId, received: SystemTime, error: &InvalidPhones, took: Duration) -> Report {
         Report {
             status: Status::Error,
@@ -185,6 +209,7 @@ pub fn complete_report_json<'a>(
         out.extend_from_slice(phone);
     }
     out.extend_from_slice(b"],\"total_duration\":");
+    // Infallible: writing a finite float to a Vec.
     let _ = sonic_rs::to_writer(&mut out, &took().as_secs_f64());
     out.push(b'}');
     out

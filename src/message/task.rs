@@ -9,10 +9,12 @@
 use serde::Serialize;
 use sonic_rs::{JsonContainerTrait, JsonValueTrait, RawNumber, Value};
 
+/// A task's id, echoed in its report exactly as the task wrote it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CorrelationId {
     /// A JSON integer, kept as its exact text (any size).
     Integer(RawNumber),
+    /// A JSON string (1 to 255 bytes).
     Text(String),
 }
 
@@ -49,7 +51,9 @@ fn is_integer_literal(text: &str) -> bool {
 /// Input limits (from configuration).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// `MAX_TASK_BYTES`: larger bodies are dead-lettered unread.
     pub max_task_bytes: usize,
+    /// `MAX_PHONES_PER_TASK`: tasks with more phones get an error report.
     pub max_phones: usize,
 }
 
@@ -64,12 +68,27 @@ pub const MAX_DETAIL_BYTES: usize = 256;
 /// Why a message cannot be answered at all (it goes to the dead-letter queue).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
+    /// The body is over `MAX_TASK_BYTES`.
     #[error("body is {size} bytes, over the {limit}-byte limit")]
-    TooLarge { size: usize, limit: usize },
+    TooLarge {
+        /// The body's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The body nests deeper than [`MAX_TASK_DEPTH`].
     #[error("body nests arrays or objects deeper than {limit} levels")]
-    TooDeep { limit: usize },
+    TooDeep {
+        /// The limit.
+        limit: usize,
+    },
+    /// The body does not parse.
     #[error("body is not JSON: {detail}")]
-    NotJson { detail: String },
+    NotJson {
+        /// The parser's message, at most [`MAX_DETAIL_BYTES`].
+        detail: String,
+    },
+    /// Neither the body nor the properties carry an id to answer with.
     #[error("no usable correlation id (an integer or a string of 1 to 255 bytes) in the body or the AMQP properties")]
     NoCorrelationId,
 }
@@ -89,17 +108,32 @@ impl Rejection {
 /// Why a task's `phones` cannot be served (answered with an error report).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidPhones {
+    /// No `phones` field.
     #[error("the task has no `phones` field")]
     Missing,
+    /// `phones` is not an array.
     #[error("`phones` must be an array of phone numbers")]
     NotArray,
+    /// An entry is not a `u64`.
     #[error("phones[{index}] is {value}; expected a non-negative integer no larger than 18446744073709551615")]
-    BadEntry { index: usize, value: String },
+    BadEntry {
+        /// Its position in `phones`.
+        index: usize,
+        /// Its JSON text, at most [`MAX_DETAIL_BYTES`].
+        value: String,
+    },
+    /// More than `MAX_PHONES_PER_TASK` entries.
     #[error("the task has {count} phones; at most {limit} are allowed")]
-    TooMany { count: usize, limit: usize },
+    TooMany {
+        /// How many the task has.
+        count: usize,
+        /// `MAX_PHONES_PER_TASK`.
+        limit: usize,
+    },
 }
 
 impl InvalidPhones {
+    /// Stable error code, used in error reports and metrics labels.
     pub fn code(&self) -> &'static str {
         match self {
             InvalidPhones::Missing => "missing_phones",
@@ -113,6 +147,7 @@ impl InvalidPhones {
 /// A task that can be answered: a report, or an error report for bad phones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Task {
+    /// The id its report carries.
     pub correlation_id: CorrelationId,
     /// Distinct phones in first-seen order, or why they cannot be served.
     pub phones: Result<Vec<u64>, InvalidPhones>,

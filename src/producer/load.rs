@@ -14,8 +14,11 @@ use tokio_util::sync::CancellationToken;
 /// The load to generate.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
+    /// How many tasks to have answered.
     pub tasks: u64,
+    /// How many are in flight at once.
     pub concurrency: usize,
+    /// Phones per task.
     pub phones_per_task: usize,
     /// Phones are drawn from `phone_base..phone_base + phone_max`...
     pub phone_max: u64,
@@ -29,11 +32,13 @@ pub struct LoadOptions {
     pub disjoint: bool,
     /// Give up on the remaining tasks after this long without a reply.
     pub idle_timeout: Duration,
+    /// The random seed for phone choice.
     pub seed: u64,
 }
 
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[allow(missing_docs)] // each is the percentile of its name
 pub struct Latency {
     pub p50_ms: f64,
     pub p90_ms: f64,
@@ -45,11 +50,15 @@ pub struct Latency {
 /// What a load test saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct LoadSummary {
+    /// Tasks asked for.
     pub tasks: u64,
+    /// Tasks kept in flight.
     pub concurrency: usize,
+    /// Tasks published and confirmed.
     pub sent: u64,
     /// Distinct tasks answered.
     pub answered: u64,
+    /// Answers that were error reports.
     pub error_reports: u64,
     /// Reports for tasks already answered (at-least-once redeliveries).
     pub duplicates: u64,
@@ -57,8 +66,11 @@ pub struct LoadSummary {
     pub unanswered: u64,
     /// Not sent because the run gave up first.
     pub not_sent: u64,
+    /// Seconds from the first publish to the last answer.
     pub elapsed_s: f64,
+    /// Distinct tasks answered per second.
     pub throughput_per_s: f64,
+    /// Publish-to-report latency.
     pub latency: Latency,
 }
 

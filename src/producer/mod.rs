@@ -28,18 +28,28 @@ pub const SAMPLE_TASKS: [[u64; 10]; 10] = [
     [70, 82, 9, 3, 11, 12, 2, 75, 87, 90],
     [66, 8, 99, 55, 33, 44, 66, 77, 43, 39],
 ];
+/// The correlation id of the first sample task; the others follow it.
 pub const FIRST_SAMPLE_ID: u64 = 13_242_421_424_214;
 
+/// What went wrong for the producer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// lapin reported an error.
     #[error("{operation} failed: {source}")]
     Amqp {
+        /// The AMQP method.
         operation: &'static str,
+        /// lapin's error.
         #[source]
         source: lapin::Error,
     },
+    /// The broker nacked a task.
     #[error("the broker did not confirm a published task")]
     NotConfirmed,
+    /// A queue name AMQP cannot carry.
+    #[error("`{0}` is not a queue name (at most 255 bytes)")]
+    QueueName(String),
+    /// `send --wait` saw no report in time.
     #[error("no report within {0:?}")]
     Timeout(Duration),
 }
@@ -56,12 +66,13 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects to `url` and declares `task_queue` (durable).
     pub async fn connect(url: &AmqpUrl, task_queue: &str) -> Result<Client, ClientError> {
         let properties = ConnectionProperties::default().with_connection_name("report-service producer".into());
         let connection = Connection::connect(url.expose(), properties).await.map_err(amqp("connect"))?;
         let channel = connection.create_channel().await.map_err(amqp("channel.open"))?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("confirm.select"))?;
-        let task_queue = ShortString::try_new(task_queue).map_err(|_| ClientError::NotConfirmed)?;
+        let task_queue = ShortString::try_new(task_queue).map_err(|_| ClientError::QueueName(task_queue.to_owned()))?;
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
         channel
             .queue_declare(task_queue.clone(), durable, FieldTable::default())
@@ -105,6 +116,8 @@ impl Client {
         }
     }
 
+    /// Closes the connection; the process is about to exit, so a broker that is already
+    /// gone is not an error worth reporting.
     pub async fn close(&self) {
         let _ = self.connection.close(200, "producer done".into()).await;
     }

@@ -18,35 +18,53 @@ const BASE_MAGIC: [u8; 8] = *b"RSCACHE\0";
 const JOURNAL_MAGIC: [u8; 8] = *b"RSJOURN\0";
 /// Bumped whenever a layout changes; other versions are moved aside at startup.
 pub const FORMAT_VERSION: u32 = 2;
-pub const BASE_HEADER_LEN: usize = 8 + 4 + 8 + 8 * 3 + 16 + 8 + 8;
-pub const JOURNAL_HEADER_LEN: usize = 8 + 4 + 8;
-pub const ENTRY_LEN: usize = 8 * 6 + 16 * 4;
+pub(super) const BASE_HEADER_LEN: usize = 8 + 4 + 8 + 8 * 3 + 16 + 8 + 8;
+pub(super) const JOURNAL_HEADER_LEN: usize = 8 + 4 + 8;
+pub(super) const ENTRY_LEN: usize = 8 * 6 + 16 * 4;
 const CHECKSUM_LEN: usize = 4;
 
 /// A decoded base.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Base {
+    /// Which base this is; a journal extends only the base of its generation.
     pub generation: u64,
+    /// The data file the entries were computed from.
     pub identity: FileIdentity,
+    /// When it was written (milliseconds since the Unix epoch).
     pub written_ms: u64,
+    /// The cached phones.
     pub entries: Vec<CachedPhone>,
 }
 
 /// Why a snapshot file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// The file cannot be read.
     #[error("cannot read the snapshot: {0}")]
     Io(#[from] std::io::Error),
+    /// The file does not start with the magic bytes.
     #[error("not a cache snapshot (bad magic bytes)")]
     NotASnapshot,
+    /// Another format version.
     #[error("snapshot format version {found}; this build reads version {FORMAT_VERSION}")]
-    Version { found: u32 },
+    Version {
+        /// The version the file says it has.
+        found: u32,
+    },
+    /// The size does not match the entry count in the header.
     #[error("snapshot is truncated or padded: {len} bytes where its header implies {expected}")]
-    Length { len: usize, expected: usize },
+    Length {
+        /// The file's size.
+        len: usize,
+        /// The size its header implies.
+        expected: usize,
+    },
+    /// The contents do not match the checksum.
     #[error("snapshot checksum mismatch (corrupted)")]
     Checksum,
 }
 
+/// A base file's bytes: header, entries, CRC-32.
 pub fn encode_base(base: &Base) -> Vec<u8> {
     let mut out = Vec::with_capacity(BASE_HEADER_LEN + base.entries.len() * ENTRY_LEN + CHECKSUM_LEN);
     out.extend_from_slice(&BASE_MAGIC);
@@ -69,13 +87,13 @@ pub fn encode_base(base: &Base) -> Vec<u8> {
 
 /// The header fields of a base, read without its entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BaseHeader {
+pub(super) struct BaseHeader {
     pub generation: u64,
     pub identity: FileIdentity,
     pub count: u64,
 }
 
-pub fn decode_base_header(bytes: &[u8]) -> Result<BaseHeader, SnapshotError> {
+pub(super) fn decode_base_header(bytes: &[u8]) -> Result<BaseHeader, SnapshotError> {
     let mut fields = versioned(bytes, &BASE_MAGIC)?;
     if bytes.len() < BASE_HEADER_LEN {
         return Err(SnapshotError::Length { len: bytes.len(), expected: BASE_HEADER_LEN + CHECKSUM_LEN });
@@ -87,6 +105,7 @@ pub fn decode_base_header(bytes: &[u8]) -> Result<BaseHeader, SnapshotError> {
     Ok(BaseHeader { generation, identity, count: fields.u64() })
 }
 
+/// A base from its file's bytes, every field and the checksum verified.
 pub fn decode_base(bytes: &[u8]) -> Result<Base, SnapshotError> {
     let header = decode_base_header(bytes)?;
     let expected = usize::try_from(header.count)
@@ -108,7 +127,7 @@ pub fn decode_base(bytes: &[u8]) -> Result<Base, SnapshotError> {
 }
 
 /// A journal's header for the base of `generation`.
-pub fn encode_journal_header(generation: u64) -> Vec<u8> {
+pub(super) fn encode_journal_header(generation: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(JOURNAL_HEADER_LEN);
     out.extend_from_slice(&JOURNAL_MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -117,7 +136,7 @@ pub fn encode_journal_header(generation: u64) -> Vec<u8> {
 }
 
 /// One batch of entries, as appended to the journal.
-pub fn encode_batch(entries: &[CachedPhone]) -> Vec<u8> {
+pub(super) fn encode_batch(entries: &[CachedPhone]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + entries.len() * ENTRY_LEN + CHECKSUM_LEN);
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     for entry in entries {
@@ -131,7 +150,7 @@ pub fn encode_batch(entries: &[CachedPhone]) -> Vec<u8> {
 /// A decoded journal: the generation it extends, its entries in order, and whether it
 /// ended in a batch that failed its check (torn by a crash: the rest is ignored).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Journal {
+pub(super) struct Journal {
     pub generation: u64,
     pub entries: Vec<CachedPhone>,
     pub torn: bool,
@@ -139,7 +158,7 @@ pub struct Journal {
     pub valid_len: usize,
 }
 
-pub fn decode_journal(bytes: &[u8]) -> Result<Journal, SnapshotError> {
+pub(super) fn decode_journal(bytes: &[u8]) -> Result<Journal, SnapshotError> {
     let mut fields = versioned(bytes, &JOURNAL_MAGIC)?;
     if bytes.len() < JOURNAL_HEADER_LEN {
         return Err(SnapshotError::Length { len: bytes.len(), expected: JOURNAL_HEADER_LEN });

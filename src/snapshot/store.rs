@@ -41,7 +41,9 @@ pub struct Delta {
 /// later entry of a phone replaces an earlier one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restored {
+    /// The data file the entries were computed from.
     pub identity: FileIdentity,
+    /// The cached phones.
     pub entries: Vec<CachedPhone>,
     /// The journal ended in a batch torn by a crash (dropped).
     pub torn: bool,
@@ -93,6 +95,7 @@ pub struct Store {
 }
 
 impl Store {
+    /// The snapshot at `path` (base) and `path.journal`; nothing is read yet.
     pub fn new(path: PathBuf) -> Store {
         Store { path, current: None }
     }
@@ -201,7 +204,7 @@ fn read_prefix(path: &Path, len: usize) -> std::io::Result<Vec<u8>> {
 
 /// Moves an unusable snapshot aside: see [`super::quarantine`]. Its journal goes with it
 /// (it extends only that base).
-pub fn remove_journal(path: &Path) {
+pub(super) fn remove_journal(path: &Path) {
     // Best effort: a leftover journal of another generation is ignored at load anyway.
     let _ = std::fs::remove_file(journal_path(path));
 }

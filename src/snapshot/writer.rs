@@ -33,6 +33,7 @@ struct Shared {
 pub struct DirtyMarker(Arc<Shared>);
 
 impl DirtyMarker {
+    /// Wakes the writer: the cache has changes to save.
     pub fn mark(&self) {
         let mut signal = self.0.signal.lock();
         if !signal.dirty {

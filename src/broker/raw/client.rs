@@ -24,6 +24,7 @@ const CONFIRM: u16 = 85;
 
 /// The parts of a broker URL this client needs (from lapin's own URL parser).
 #[derive(Debug, Clone)]
+#[allow(missing_docs)] // each is the URL part of its name
 pub struct Endpoint {
     pub host: String,
     pub port: u16,
@@ -33,6 +34,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// The parts of `uri`.
     pub fn from_uri(uri: &lapin::uri::AMQPUri) -> Endpoint {
         Endpoint {
             host: uri.authority.host.clone(),
@@ -177,7 +179,7 @@ impl RawClient {
         Ok(RawDelivery { delivery_tag, redelivered, exchange, routing_key, properties, body })
     }
 
-    /// Acknowledges a message fetched by [`RawClient::get`].
+    /// Acknowledges a message received with [`RawClient::next_delivery`] or [`RawClient::cancel`].
     pub async fn ack(&mut self, delivery_tag: u64) -> Result<(), RawError> {
         let mut ack = Writer::method(BASIC, 80);
         ack.u64(delivery_tag);

@@ -32,25 +32,40 @@ const MAX_TABLE_DEPTH: usize = 32;
 /// What went wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum RawError {
+    /// The socket failed.
     #[error("cannot reach the broker: {0}")]
     Io(#[from] std::io::Error),
+    /// The broker sent `connection.close` or `channel.close`.
     #[error("the broker closed the {scope} ({code}): {text}")]
-    Closed { scope: &'static str, code: u16, text: String },
+    Closed {
+        /// "connection" or "channel".
+        scope: &'static str,
+        /// The AMQP reply code.
+        code: u16,
+        /// The broker's reply text.
+        text: String,
+    },
+    /// A frame this client did not expect at this point of the exchange.
     #[error("unexpected AMQP frame: {0}")]
     Protocol(&'static str),
+    /// The broker offers no mechanism this client speaks.
     #[error("the broker does not offer PLAIN authentication")]
     NoPlainAuth,
+    /// A message body over the client's size limit.
     #[error("a message of {0} bytes is over this client's limit")]
     TooLarge(u64),
+    /// The broker did not answer in time.
     #[error("the broker did not answer within {0:?}")]
     Timeout(Duration),
 }
 
 /// A header table: its bytes as sent, and its fields when they could be decoded (not
-/// for an unknown field type, or nesting deeper than [`MAX_TABLE_DEPTH`]).
+/// for an unknown field type, or nesting deeper than 32 levels).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawTable {
+    /// The table's encoding, exactly as received or as it will be sent.
     pub bytes: Vec<u8>,
+    /// Field names (bytes, not necessarily UTF-8) and values, if decodable.
     pub fields: Option<Vec<(Vec<u8>, RawValue)>>,
 }
 
@@ -69,6 +84,7 @@ impl RawTable {
 
 /// One header value. Type letters as RabbitMQ (and lapin) write them.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)] // each variant is the AMQP field type of its name
 pub enum RawValue {
     Bool(bool),
     I8(i8),
@@ -89,8 +105,10 @@ pub enum RawValue {
     Void,
 }
 
-/// The basic-class properties of a message, every string as bytes.
+/// The basic-class properties of a message, every string as bytes. Each field is the
+/// AMQP property of its name (`kind` is `type`).
 #[derive(Debug, Clone, Default, PartialEq)]
+#[allow(missing_docs)]
 pub struct RawProperties {
     pub content_type: Option<Vec<u8>>,
     pub content_encoding: Option<Vec<u8>>,
@@ -108,22 +126,30 @@ pub struct RawProperties {
     pub cluster_id: Option<Vec<u8>>,
 }
 
-/// A message fetched with `basic.get`, not yet acked.
+/// A message delivered to the consumer, not yet acked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawDelivery {
+    /// The tag to ack it with.
     pub delivery_tag: u64,
+    /// Whether the broker delivered it before.
     pub redelivered: bool,
+    /// The exchange it was published to.
     pub exchange: Vec<u8>,
+    /// The routing key it was published with.
     pub routing_key: Vec<u8>,
+    /// Its properties, undecoded strings kept as bytes.
     pub properties: RawProperties,
+    /// Its body.
     pub body: Vec<u8>,
 }
 
 /// How the broker took a published message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RawConfirm {
+    /// Acked: a queue has it.
     Queued,
     /// Acked, but returned first: no queue took it.
     Unroutable,
+    /// Nacked: the broker could not take it.
     Nacked,
 }

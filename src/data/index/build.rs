@@ -40,7 +40,9 @@ const MIN_RECORD_LEN: usize = 40;
 /// and the pool; tests set them to drive the stitching and the buckets on small inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuildShape {
+    /// How many regions the file is cut into and scanned in parallel.
     pub regions: usize,
+    /// log2 of the number of hash buckets phones are grouped into.
     pub bucket_bits: u32,
 }
 

@@ -40,18 +40,22 @@ impl Span {
         Span(((start as u64) << LEN_BITS) | (end - start) as u64)
     }
 
+    /// The first byte.
     pub fn start(self) -> usize {
         (self.0 >> LEN_BITS) as usize
     }
 
+    /// Its length in bytes.
     pub fn len(self) -> usize {
         (self.0 & ((1 << LEN_BITS) - 1)) as usize
     }
 
+    /// Whether it holds no byte.
     pub fn is_empty(self) -> bool {
         self.len() == 0
     }
 
+    /// One past the last byte.
     pub fn end(self) -> usize {
         self.start() + self.len()
     }
@@ -60,8 +64,11 @@ impl Span {
 /// Figures about an index, for logs and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IndexSummary {
+    /// Records in the file.
     pub records: u64,
+    /// Distinct phones.
     pub phones: usize,
+    /// Runs of consecutive records of one phone.
     pub spans: usize,
     /// Records with `end_date < start_date` (kept, reported as a startup warning).
     pub negative_durations: u64,
@@ -137,6 +144,7 @@ impl PhoneIndex {
         }
     }
 
+    /// Its figures.
     pub fn summary(&self) -> IndexSummary {
         self.summary
     }

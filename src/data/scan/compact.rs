@@ -62,6 +62,7 @@ pub struct PhonePrefix {
 impl PhonePrefix {
     const MAX_LEN: usize = 48;
 
+    /// The prefix of a compact record of `phone`.
     pub fn new(phone: u64) -> PhonePrefix {
         let mut bytes = [0u8; PhonePrefix::MAX_LEN];
         let mut digits = itoa::Buffer::new();
@@ -74,6 +75,7 @@ impl PhonePrefix {
         PhonePrefix { phone, len, bytes }
     }
 
+    /// The phone it matches.
     pub fn phone(&self) -> u64 {
         self.phone
     }
@@ -100,7 +102,7 @@ impl PhonePrefix {
     /// bytes the index already validated (aggregation).
     ///
     /// Reads through one fixed-size window so the compiler can prove every access in
-    /// bounds; the last [`RECORD_WINDOW`] bytes of a file take the general path.
+    /// bounds; the last `RECORD_WINDOW` bytes of a file take the general path.
     #[inline(always)]
     pub fn duration<const VALIDATE: bool>(&self, bytes: &[u8], pos: usize) -> Option<(i64, usize)> {
         let window: &[u8; RECORD_WINDOW] = bytes.get(pos..pos + RECORD_WINDOW)?.try_into().ok()?;

@@ -16,8 +16,11 @@ pub enum Expected {
     CommaOrNestedArrayEnd,
     /// After a member of an object.
     CommaOrObjectEnd,
+    /// A member's key (a string).
     Key,
+    /// The `:` after a key.
     Colon,
+    /// Any JSON value.
     Value,
     /// A JSON number literal (in an ignored field).
     Number,
@@ -69,7 +72,9 @@ impl fmt::Display for Expected {
 /// What the scanner found where it stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Found {
+    /// The file ended.
     EndOfInput,
+    /// This byte.
     Byte(u8),
 }
 
@@ -86,12 +91,16 @@ impl fmt::Display for Found {
 /// Where and why scanning stopped. Small and `Copy` so the hot path stays cheap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Malformed {
+    /// Where scanning stopped.
     pub offset: usize,
+    /// What would have been valid there.
     pub expected: Expected,
+    /// What is there.
     pub found: Found,
 }
 
 impl Malformed {
+    /// Scanning stopped at `offset` of `bytes`, expecting `expected`.
     #[cold]
     pub fn at(bytes: &[u8], offset: usize, expected: Expected) -> Self {
         let found = bytes.get(offset).map_or(Found::EndOfInput, |&b| Found::Byte(b));

@@ -27,13 +27,17 @@ use super::number::parse_digits;
 /// One call record as stored in data.json (dates in epoch milliseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
+    /// The caller's phone.
     pub phone: u64,
+    /// When the call started.
     pub start_date: i64,
+    /// When it ended.
     pub end_date: i64,
 }
 
 /// A required field of a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)] // each is the record field of its name
 pub enum Field {
     Phone,
     StartDate,
@@ -41,6 +45,7 @@ pub enum Field {
 }
 
 impl Field {
+    /// Its key in data.json.
     pub fn name(self) -> &'static str {
         match self {
             Field::Phone => "phone",
@@ -113,7 +118,9 @@ fn date_at(bytes: &[u8], pos: usize) -> Option<(i64, usize)> {
 /// What indexing needs of a record: its phone and whether its duration is negative.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexedRecord {
+    /// The caller's phone.
     pub phone: u64,
+    /// Whether `end_date < start_date`.
     pub negative: bool,
 }
 
@@ -129,10 +136,12 @@ pub struct LastPhone {
 }
 
 impl LastPhone {
+    /// No previous record yet (phone 0 is tried first).
     pub fn new() -> LastPhone {
         LastPhone { prefix: PhonePrefix::new(0), previous: 0 }
     }
 
+    /// The previous record's phone.
     pub fn phone(&self) -> u64 {
         self.previous
     }

@@ -2,6 +2,7 @@
 //! waiting for reports with a bounded timeout, and deleting the queues afterwards (even
 //! when the test panics).
 
+use super::broker::Use;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -16,35 +17,53 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub(crate) const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// How long a test waits for any single expected message.
-pub const WAIT: Duration = Duration::from_secs(60);
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
 
 /// Queue names unique to one test run.
 #[derive(Debug, Clone)]
-pub struct Names {
+pub(crate) struct Names {
     pub tasks: String,
     pub reports: String,
     pub dlq: String,
     /// Queues the service declares besides these (its retry queues), deleted with them.
     extra: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The test's share of the broker, held as long as any copy of these names.
+    _broker: Arc<Use>,
+}
+
+/// An id no other call in any test process returns: pid, clock, counter.
+pub(crate) fn unique_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{}.{}.{}", std::process::id(), nanos % 1_000_000_000, NEXT.fetch_add(1, Ordering::SeqCst))
 }
 
 impl Names {
-    pub fn unique(test: &str) -> Names {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let id = format!("{}.{}.{}", std::process::id(), nanos % 1_000_000_000, NEXT.fetch_add(1, Ordering::SeqCst));
+    /// Names for a test that shares the broker with others.
+    pub(crate) fn unique(test: &str) -> Names {
+        Names::holding(test, Use::shared())
+    }
+
+    /// Names for a test that stops the broker: it has the broker to itself.
+    pub(crate) fn unique_with_the_broker_to_itself(test: &str) -> Names {
+        Names::holding(test, Use::exclusive())
+    }
+
+    fn holding(test: &str, broker: Use) -> Names {
+        let id = unique_id();
         Names {
             tasks: format!("test.{test}.{id}.tasks"),
             reports: format!("test.{test}.{id}.reports"),
             dlq: format!("test.{test}.{id}.dlq"),
             extra: Arc::default(),
+            _broker: Arc::new(broker),
         }
     }
 
     /// Registers the retry queues a service with `settings` declares, for deletion.
-    pub fn expect_service(&self, settings: &[(&str, &str)]) {
+    pub(crate) fn expect_service(&self, settings: &[(&str, &str)]) {
         let mut vars: HashMap<String, String> = self.vars().into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         vars.extend(settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let config = report_service::config::Config::from_vars(&vars).expect("test config");
@@ -58,7 +77,7 @@ impl Names {
     }
 
     /// The service settings for these queues.
-    pub fn vars(&self) -> Vec<(&'static str, String)> {
+    pub(crate) fn vars(&self) -> Vec<(&'static str, String)> {
         vec![
             ("AMQP_URL", AMQP_URL.to_owned()),
             ("TASK_QUEUE", self.tasks.clone()),
@@ -71,7 +90,7 @@ impl Names {
 /// Deletes the named queues (and those registered with [`Names::expect_service`]) when
 /// dropped, on a thread of its own (works while unwinding from a failed assertion,
 /// outside any runtime).
-pub struct Cleanup(pub Vec<String>, pub Arc<std::sync::Mutex<Vec<String>>>);
+pub(crate) struct Cleanup(pub Vec<String>, pub Arc<std::sync::Mutex<Vec<String>>>);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -96,8 +115,9 @@ impl Drop for Cleanup {
 }
 
 /// A client connection with a confirm-mode channel.
-pub struct Client {
-    pub connection: Connection,
+pub(crate) struct Client {
+    /// Open for as long as the client is.
+    _connection: Connection,
     pub channel: Channel,
     pub names: Names,
     _cleanup: Cleanup,
@@ -106,13 +126,13 @@ pub struct Client {
 impl Client {
     /// Connects and declares the task, report and dead-letter queues as plain durable
     /// queues (as clients of the starting service do).
-    pub async fn new(names: &Names) -> Client {
+    pub(crate) async fn new(names: &Names) -> Client {
         Client::with_arguments(names, FieldTable::default(), FieldTable::default()).await
     }
 
     /// [`Client::new`], the report queue and the DLQ declared with `reports` and `dlq`
     /// arguments (as an operator's infrastructure tool might).
-    pub async fn with_arguments(names: &Names, reports: FieldTable, dlq: FieldTable) -> Client {
+    pub(crate) async fn with_arguments(names: &Names, reports: FieldTable, dlq: FieldTable) -> Client {
         let connection =
             Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("broker reachable");
         let channel = connection.create_channel().await.expect("channel");
@@ -124,11 +144,11 @@ impl Client {
         }
         let cleanup =
             Cleanup(vec![names.tasks.clone(), names.reports.clone(), names.dlq.clone()], Arc::clone(&names.extra));
-        Client { connection, channel, names: names.clone(), _cleanup: cleanup }
+        Client { _connection: connection, channel, names: names.clone(), _cleanup: cleanup }
     }
 
     /// Publishes a raw body to the task queue and waits for the broker's confirm.
-    pub async fn send_raw(&self, body: &[u8], properties: BasicProperties) {
+    pub(crate) async fn send_raw(&self, body: &[u8], properties: BasicProperties) {
         self.channel
             .basic_publish(
                 "".into(),
@@ -144,13 +164,13 @@ impl Client {
     }
 
     /// Publishes a persistent task (it survives a broker restart).
-    pub async fn send(&self, body: &str) {
+    pub(crate) async fn send(&self, body: &str) {
         self.send_raw(body.as_bytes(), BasicProperties::default().with_delivery_mode(2)).await;
     }
 
     /// A consumer on `queue` (auto-ack off; the helpers below ack).
-    pub async fn consume(&self, queue: &str) -> Consumer {
-        let tag = format!("test-consumer-{}", Names::unique("c").tasks);
+    pub(crate) async fn consume(&self, queue: &str) -> Consumer {
+        let tag = format!("test-consumer-{}", unique_id());
         self.channel
             .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
@@ -158,7 +178,7 @@ impl Client {
     }
 
     /// An exclusive, server-named queue for `reply_to`.
-    pub async fn reply_queue(&self) -> String {
+    pub(crate) async fn reply_queue(&self) -> String {
         let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
         let queue =
             self.channel.queue_declare("".into(), options, FieldTable::default()).await.expect("declare reply queue");
@@ -167,7 +187,7 @@ impl Client {
 }
 
 /// The next message on `consumer` (acked), or a panic after [`WAIT`].
-pub async fn next(consumer: &mut Consumer) -> Delivery {
+pub(crate) async fn next(consumer: &mut Consumer) -> Delivery {
     let delivery = tokio::time::timeout(WAIT, consumer.next())
         .await
         .expect("a message within the wait limit")
@@ -178,7 +198,7 @@ pub async fn next(consumer: &mut Consumer) -> Delivery {
 }
 
 /// The next message's body as JSON.
-pub async fn next_json(consumer: &mut Consumer) -> (serde_json::Value, Delivery) {
+pub(crate) async fn next_json(consumer: &mut Consumer) -> (serde_json::Value, Delivery) {
     let delivery = next(consumer).await;
     let json = serde_json::from_slice(&delivery.data).expect("reports are JSON");
     (json, delivery)
@@ -186,11 +206,11 @@ pub async fn next_json(consumer: &mut Consumer) -> (serde_json::Value, Delivery)
 
 /// Reports by correlation id: the first copy, and how many copies arrived. Every copy
 /// is checked on arrival (a redelivered task answered twice must be right both times).
-pub type Seen = HashMap<String, (serde_json::Value, usize)>;
+pub(crate) type Seen = HashMap<String, (serde_json::Value, usize)>;
 
 /// Collects reports, checking each copy with `check`, until `want` distinct correlation
 /// ids were seen.
-pub async fn collect(consumer: &mut Consumer, want: usize, check: impl Fn(&serde_json::Value)) -> Seen {
+pub(crate) async fn collect(consumer: &mut Consumer, want: usize, check: impl Fn(&serde_json::Value)) -> Seen {
     let mut seen = Seen::new();
     collect_into(consumer, &mut seen, want, check).await;
     seen
@@ -199,7 +219,12 @@ pub async fn collect(consumer: &mut Consumer, want: usize, check: impl Fn(&serde
 /// Adds reports to `seen`, checking each copy, until it holds `want` distinct ids. A
 /// report received before (say, the one that showed a fault could be injected) must be
 /// noted first, so a redelivered copy of it is not taken for a new task.
-pub async fn collect_into(consumer: &mut Consumer, seen: &mut Seen, want: usize, check: impl Fn(&serde_json::Value)) {
+pub(crate) async fn collect_into(
+    consumer: &mut Consumer,
+    seen: &mut Seen,
+    want: usize,
+    check: impl Fn(&serde_json::Value),
+) {
     while seen.len() < want {
         let (report, _) = next_json(consumer).await;
         note(seen, report, &check);
@@ -207,14 +232,14 @@ pub async fn collect_into(consumer: &mut Consumer, seen: &mut Seen, want: usize,
 }
 
 /// Checks and counts one report.
-pub fn note(seen: &mut Seen, report: serde_json::Value, check: impl Fn(&serde_json::Value)) {
+pub(crate) fn note(seen: &mut Seen, report: serde_json::Value, check: impl Fn(&serde_json::Value)) {
     check(&report);
     seen.entry(report["correlation_id"].to_string()).or_insert((report, 0)).1 += 1;
 }
 
 /// Runs `rabbitmqctl` with `args`: the local one (CI), or the one in the compose
 /// stack's broker container when only Docker is installed.
-pub fn rabbitmqctl(args: &[&str]) -> std::process::Output {
+pub(crate) fn rabbitmqctl(args: &[&str]) -> std::process::Output {
     let local = std::process::Command::new("rabbitmqctl").args(args).output();
     match local {
         Ok(output) => output,
@@ -228,7 +253,7 @@ pub fn rabbitmqctl(args: &[&str]) -> std::process::Output {
 
 /// Closes the broker connection whose client-provided name contains `name`, through
 /// `rabbitmqctl`, the way an operator or a network fault would.
-pub fn close_connection_named(name: &str) -> usize {
+pub(crate) fn close_connection_named(name: &str) -> usize {
     let listing = rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"]);
     let text = String::from_utf8_lossy(&listing.stdout);
     let pids: Vec<&str> =
@@ -242,7 +267,7 @@ pub fn close_connection_named(name: &str) -> usize {
 
 /// A small data file (phones 0..phones, `per_phone` records each, some records of
 /// phone 7 at exact boundaries) and its parsed records for the reference.
-pub fn data_file(dir: &Path, phones: u64, per_phone: u64) -> (std::path::PathBuf, Arc<Vec<super::RefRecord>>) {
+pub(crate) fn data_file(dir: &Path, phones: u64, per_phone: u64) -> (std::path::PathBuf, Arc<Vec<super::RefRecord>>) {
     let path = dir.join("data.json");
     let mut bytes = Vec::new();
     let options = report_service::datagen::Options { phones, per_phone, ..report_service::datagen::Options::default() };
@@ -261,7 +286,7 @@ pub fn data_file(dir: &Path, phones: u64, per_phone: u64) -> (std::path::PathBuf
 }
 
 /// The expected `data` array of a report for `phones` (deduplicated, in order).
-pub fn expected_data(records: &[super::RefRecord], phones: &[u64]) -> serde_json::Value {
+pub(crate) fn expected_data(records: &[super::RefRecord], phones: &[u64]) -> serde_json::Value {
     let phones = report_service::message::dedup_phones(phones.iter().copied());
     let stats = super::reference_stats(records, &phones);
     let data: Vec<report_service::message::PhoneReport> =
@@ -271,7 +296,7 @@ pub fn expected_data(records: &[super::RefRecord], phones: &[u64]) -> serde_json
 
 /// Every message now in `queue`, taken with `basic.get` and acked, oldest first. For
 /// checking a queue's exact contents after the service has stopped.
-pub async fn drain_queue(channel: &Channel, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+pub(crate) async fn drain_queue(channel: &Channel, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
     let mut messages = Vec::new();
     loop {
         let got = channel.basic_get(queue.into(), lapin::options::BasicGetOptions::default()).await.expect("basic.get");
@@ -282,13 +307,13 @@ pub async fn drain_queue(channel: &Channel, queue: &str) -> Vec<lapin::message::
 }
 
 /// Ready messages in `queue` (passive declare).
-pub async fn ready_messages(channel: &Channel, queue: &str) -> u32 {
+pub(crate) async fn ready_messages(channel: &Channel, queue: &str) -> u32 {
     let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
     channel.queue_declare(queue.into(), passive, FieldTable::default()).await.expect("queue exists").message_count()
 }
 
 /// A string header of a message.
-pub fn header_text(properties: &BasicProperties, key: &str) -> Option<String> {
+pub(crate) fn header_text(properties: &BasicProperties, key: &str) -> Option<String> {
     match properties.headers().as_ref()?.inner().get(key)? {
         lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
         other => Some(format!("{other:?}")),
@@ -296,17 +321,17 @@ pub fn header_text(properties: &BasicProperties, key: &str) -> Option<String> {
 }
 
 /// Runs `rabbitmqctl args`, asserting success.
-pub fn rabbitmqctl_ok(args: &[&str]) -> String {
+pub(crate) fn rabbitmqctl_ok(args: &[&str]) -> String {
     let out = rabbitmqctl(args);
     assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A broker policy applied to exactly one queue while it lives.
-pub struct Policy(String);
+pub(crate) struct Policy(String);
 
 impl Policy {
-    pub fn on_queue(queue: &str, definition: &str) -> Policy {
+    pub(crate) fn on_queue(queue: &str, definition: &str) -> Policy {
         let name = format!("test-policy-{queue}");
         let pattern = format!("^{}$", queue.replace('.', "\\."));
         rabbitmqctl_ok(&["-q", "set_policy", "--apply-to", "queues", "--priority", "100", &name, &pattern, definition]);
@@ -321,13 +346,13 @@ impl Drop for Policy {
 }
 
 /// A second broker user (full permissions on `/`) while it lives.
-pub struct BrokerUser {
+pub(crate) struct BrokerUser {
     pub name: String,
     pub password: String,
 }
 
 impl BrokerUser {
-    pub fn create(label: &str) -> BrokerUser {
+    pub(crate) fn create(label: &str) -> BrokerUser {
         let name = format!("test-user-{label}-{}", std::process::id());
         let password = "test-password".to_owned();
         let _ = rabbitmqctl(&["-q", "delete_user", &name]);
@@ -336,7 +361,7 @@ impl BrokerUser {
         BrokerUser { name, password }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
     }
 }
@@ -350,7 +375,7 @@ impl Drop for BrokerUser {
 /// Makes the broker close one channel of the connection whose name contains `name` with
 /// a channel error, as it does when a client breaks a channel rule: the channel numbered
 /// `pick` from its open channels (sorted by number). Returns the channel's number.
-pub fn break_channel_of(name: &str, pick: impl Fn(&[u32]) -> u32) -> u32 {
+pub(crate) fn break_channel_of(name: &str, pick: impl Fn(&[u32]) -> u32) -> u32 {
     let connections = rabbitmqctl_ok(&["-q", "list_connections", "pid", "client_properties"]);
     let connection = connections
         .lines()

@@ -9,11 +9,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The log line of every (re)connect.
-pub const READY: &str = r#""event":"Consumer connected and ready to consume messages.""#;
+pub(crate) const READY: &str = r#""event":"Consumer connected and ready to consume messages.""#;
 
 /// A report-service child process; its stdout lines arrive on `lines`. Killed when
 /// dropped.
-pub struct Worker {
+pub(crate) struct Worker {
     pub child: Child,
     lines: std::sync::mpsc::Receiver<String>,
     /// Every line read so far (for assertions and failure messages).
@@ -23,7 +23,12 @@ pub struct Worker {
 impl Worker {
     /// Starts the binary on `names`' queues over `data`, its snapshot in `dir`, HTTP on
     /// an ephemeral port, with `extra` settings on top.
-    pub fn start(names: &Names, data: &std::path::Path, dir: &std::path::Path, extra: &[(&str, &str)]) -> Worker {
+    pub(crate) fn start(
+        names: &Names,
+        data: &std::path::Path,
+        dir: &std::path::Path,
+        extra: &[(&str, &str)],
+    ) -> Worker {
         names.expect_service(extra);
         let mut command = Command::new(env!("CARGO_BIN_EXE_report-service"));
         command
@@ -53,7 +58,7 @@ impl Worker {
     }
 
     /// Waits (bounded) for a stdout line containing `needle`; returns it.
-    pub fn wait_for(&mut self, needle: &str) -> String {
+    pub(crate) fn wait_for(&mut self, needle: &str) -> String {
         let deadline = Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -69,25 +74,25 @@ impl Worker {
     }
 
     /// How many lines read so far contain `needle`.
-    pub fn count(&self, needle: &str) -> usize {
+    pub(crate) fn count(&self, needle: &str) -> usize {
         self.log.iter().filter(|line| line.contains(needle)).count()
     }
 
     /// The bound `/health` address, from the startup log line.
-    pub fn http_addr(&mut self) -> SocketAddr {
+    pub(crate) fn http_addr(&mut self) -> SocketAddr {
         let line = self.wait_for("serving /health and /metrics");
         let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
         json["address"].as_str().and_then(|a| a.parse().ok()).expect("an address field")
     }
 
     /// Sends SIGTERM.
-    pub fn terminate(&self) {
+    pub(crate) fn terminate(&self) {
         let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
         assert!(status.success());
     }
 
     /// Waits for the process to exit, at most `limit`; panics if it does not.
-    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+    pub(crate) fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -102,8 +107,18 @@ impl Worker {
         }
     }
 
+    /// Whether any line the process wrote before it exited contains `needle` (reads
+    /// the rest of its output, waiting at most [`WAIT`] for it to close).
+    pub(crate) fn logged_before_exit(&mut self, needle: &str) -> bool {
+        let deadline = Instant::now() + WAIT;
+        while let Ok(line) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            self.log.push(line);
+        }
+        self.count(needle) > 0
+    }
+
     /// Resident memory in KiB.
-    pub fn rss_kib(&self) -> u64 {
+    pub(crate) fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
             .lines()
@@ -114,7 +129,7 @@ impl Worker {
 }
 
 /// `GET path` on `addr`: (status code, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");

@@ -1,7 +1,7 @@
 //! The producer against the real broker: a load test's counts against an in-process
 //! service, a failing run when nothing answers, `send --wait` and `seed`.
 
-mod support;
+use crate::support;
 
 use report_service::clock::SystemClock;
 use report_service::config::AmqpUrl;

@@ -2,7 +2,7 @@
 //! input's outcome, concurrency, the cache and its snapshot, and a forced disconnect.
 //! Each test has its own randomly named queues and deletes them afterwards.
 
-mod support;
+use crate::support;
 
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
@@ -13,11 +13,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 use support::amqp::{self, Client, Names, collect, data_file, expected_data, next, next_json};
-use support::start_service;
-
-fn task(id: Value, phones: &[u64]) -> String {
-    json!({ "correlation_id": id, "phones": phones }).to_string()
-}
+use support::{start_service, task};
 
 #[tokio::test]
 async fn the_sample_tasks_get_exact_reports_in_the_report_queue() {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-pub struct Proxy {
+pub(crate) struct Proxy {
     pub port: u16,
     frozen: Arc<AtomicBool>,
     resume: Arc<tokio::sync::Notify>,
@@ -16,7 +16,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Listens on an ephemeral local port and forwards to `upstream`.
-    pub async fn start(upstream: &'static str) -> Proxy {
+    pub(crate) async fn start(upstream: &'static str) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let frozen = Arc::new(AtomicBool::new(false));
@@ -34,12 +34,12 @@ impl Proxy {
         Proxy { port, frozen, resume, accept }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
     /// From now on, bytes are held, not forwarded.
-    pub fn freeze(&self) {
+    pub(crate) fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
     }
 }

@@ -4,7 +4,7 @@
 //! Also: broken sessions, bounded retries, unroutable answers, and a shutdown with a
 //! broker that stopped answering.
 
-mod support;
+use crate::support;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
@@ -12,7 +12,6 @@ use report_service::broker::raw::{Endpoint, RawClient, RawConfirm, RawProperties
 use report_service::clock::{Clock, SystemClock};
 use report_service::health::HealthState;
 use report_service::metrics::Outcome;
-use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -20,12 +19,8 @@ use support::amqp::{
     self, AMQP_URL, BrokerUser, Client, Names, Policy, WAIT, collect, data_file, drain_queue, expected_data,
     header_text, next_json, ready_messages,
 };
-use support::start_service;
 use support::worker::{READY, Worker, http_get};
-
-fn task(id: u64, phones: &[u64]) -> String {
-    json!({ "correlation_id": id, "phones": phones }).to_string()
-}
+use support::{start_service, task};
 
 /// Waits (bounded) until the service's health satisfies `condition`.
 async fn health_until(service: &report_service::app::Running, condition: impl Fn(&HealthState) -> bool) {

@@ -1,28 +1,20 @@
 //! Fault injection against the real broker: forced disconnects, a broker application
 //! restart, SIGKILL of the worker, broken snapshots, broken data, and a flood of
 //! malformed messages. Each test prints its figures (`--nocapture`) for the README's
-//! reliability table. The tests in this binary run one at a time: a broker restart
-//! would break any other test's connections.
+//! reliability table. The broker restart has the broker to itself (see
+//! `support::broker`); the other faults touch only their own test's connections.
 
-mod support;
+use crate::support;
 
 use report_service::clock::SystemClock;
 use report_service::metrics::Source;
-use serde_json::json;
 use std::process::Command;
 use std::sync::Arc;
 use support::amqp::{
     self, Client, Names, Seen, WAIT, collect, collect_into, data_file, expected_data, next, next_json, rabbitmqctl,
 };
-use support::start_service;
 use support::worker::{READY, Worker};
-
-/// Serialises the tests of this binary.
-static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn task(id: u64, phones: &[u64]) -> String {
-    json!({ "correlation_id": id, "phones": phones }).to_string()
-}
+use support::{start_service, task};
 
 fn phones(i: u64) -> Vec<u64> {
     vec![i % 50, (i * 7 + 3) % 50, (i * 13 + 5) % 50]
@@ -52,8 +44,7 @@ struct Scenario {
     tasks: u64,
 }
 
-async fn scenario(label: &str, tasks: u64) -> Scenario {
-    let names = Names::unique(label);
+async fn scenario(names: Names, tasks: u64) -> Scenario {
     let dir = tempfile::tempdir().unwrap();
     let (data, records) = data_file(dir.path(), 50, 2_000);
     let client = Client::new(&names).await;
@@ -87,8 +78,7 @@ async fn finish(
 
 #[tokio::test]
 async fn connections_force_closed_with_two_thousand_tasks_in_flight_lose_nothing() {
-    let _serial = BROKER.lock().await;
-    let run = scenario("fault-close", 2_000).await;
+    let run = scenario(Names::unique("fault-close"), 2_000).await;
     let mut reports = run.client.consume(&run.names.reports).await;
     let vars = [("PREFETCH", "64"), ("CACHE_TTL_SECS", "0")];
     let service = start_service(&run.names, &run.data, run.dir.path(), &vars, Arc::new(SystemClock)).await;
@@ -111,10 +101,9 @@ async fn connections_force_closed_with_two_thousand_tasks_in_flight_lose_nothing
 /// every persistent task is answered once the broker is back.
 #[tokio::test]
 async fn a_broker_application_restart_mid_load_loses_nothing() {
-    let _serial = BROKER.lock().await;
     // Its client is kept to the end: the queue cleanup runs when it drops, although its
     // connection dies with the broker.
-    let run = scenario("fault-restart", 2_000).await;
+    let run = scenario(Names::unique_with_the_broker_to_itself("fault-restart"), 2_000).await;
     let mut reports = run.client.consume(&run.names.reports).await;
     let vars = [("PREFETCH", "16"), ("CACHE_TTL_SECS", "0")];
     let service = start_service(&run.names, &run.data, run.dir.path(), &vars, Arc::new(SystemClock)).await;
@@ -141,8 +130,7 @@ async fn a_broker_application_restart_mid_load_loses_nothing() {
 /// answers as the reference.
 #[tokio::test]
 async fn sigkill_mid_load_then_restart_answers_everything_from_a_consistent_cache() {
-    let _serial = BROKER.lock().await;
-    let run = scenario("fault-kill", 2_000).await;
+    let run = scenario(Names::unique("fault-kill"), 2_000).await;
     let mut reports = run.client.consume(&run.names.reports).await;
     let vars = [("PREFETCH", "8"), ("SNAPSHOT_INTERVAL_MS", "20")];
     let mut worker = Worker::start(&run.names, &run.data, run.dir.path(), &vars);
@@ -163,7 +151,6 @@ async fn sigkill_mid_load_then_restart_answers_everything_from_a_consistent_cach
 /// Every kind of broken snapshot: the service starts, answers, and reports the problem.
 #[tokio::test]
 async fn broken_snapshots_never_stop_the_service() {
-    let _serial = BROKER.lock().await;
     let names = Names::unique("fault-snapshot");
     let client = Client::new(&names).await;
     let mut reports = client.consume(&names.reports).await;
@@ -224,7 +211,6 @@ async fn broken_snapshots_never_stop_the_service() {
 
 #[tokio::test]
 async fn missing_or_malformed_data_at_startup_exits_non_zero_without_a_panic() {
-    let _serial = BROKER.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let malformed = dir.path().join("malformed.json");
     std::fs::write(&malformed, br#"[{"phone":1,"start_date":1,"end_date":2},{"phone":"x"}]"#).unwrap();
@@ -249,7 +235,6 @@ async fn missing_or_malformed_data_at_startup_exits_non_zero_without_a_panic() {
 /// every malformed one dead-lettered, every valid one answered, memory flat.
 #[tokio::test]
 async fn a_flood_of_malformed_messages_is_dead_lettered_while_valid_tasks_are_answered() {
-    let _serial = BROKER.lock().await;
     let names = Names::unique("fault-flood");
     let dir = tempfile::tempdir().unwrap();
     let (data, records) = data_file(dir.path(), 50, 200);

@@ -1,7 +1,7 @@
 //! Every kind of malformed data.json stops indexing with the byte offset and what was
 //! expected, on the serial and the parallel build, and the CLI exits non-zero.
 
-mod support;
+use crate::support;
 
 use report_service::data::{BuildShape, DataError, Dataset, Expected, Field, Found};
 use report_service::datagen::{self, Options};

@@ -1,10 +1,9 @@
 //! Test support shared by the integration tests: a slow, obviously-correct reference
 //! implementation of the statistics, and writers of data files in every layout.
-#![allow(dead_code)] // each test binary uses a different part
-
-pub mod amqp;
-pub mod proxy;
-pub mod worker;
+pub(crate) mod amqp;
+pub(crate) mod broker;
+pub(crate) mod proxy;
+pub(crate) mod worker;
 
 use report_service::stats::CallStats;
 use serde::Deserialize;
@@ -13,21 +12,21 @@ use std::path::PathBuf;
 /// One record as the reference sees it: serde's derive enforces the schema (integer
 /// fields, no duplicate keys, unknown keys ignored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct RefRecord {
+pub(crate) struct RefRecord {
     pub phone: u64,
     pub start_date: i64,
     pub end_date: i64,
 }
 
 /// The whole file parsed with serde_json, or why it is not a valid data file.
-pub fn reference_parse(bytes: &[u8]) -> Result<Vec<RefRecord>, String> {
+pub(crate) fn reference_parse(bytes: &[u8]) -> Result<Vec<RefRecord>, String> {
     let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
     serde_json::from_str(text).map_err(|e| e.to_string())
 }
 
 /// Statistics of each phone by a plain scan over every record, written independently of
 /// `CallStats::record` (fields filled directly, buckets by an if-chain).
-pub fn reference_stats(records: &[RefRecord], phones: &[u64]) -> Vec<CallStats> {
+pub(crate) fn reference_stats(records: &[RefRecord], phones: &[u64]) -> Vec<CallStats> {
     phones
         .iter()
         .map(|&phone| {
@@ -60,14 +59,14 @@ pub fn reference_stats(records: &[RefRecord], phones: &[u64]) -> Vec<CallStats> 
 
 /// A small deterministic generator for layout decisions (tests must be reproducible
 /// from the proptest seed alone).
-pub struct Dice(u64);
+pub(crate) struct Dice(u64);
 
 impl Dice {
-    pub fn new(seed: u64) -> Dice {
+    pub(crate) fn new(seed: u64) -> Dice {
         Dice(seed | 1)
     }
 
-    pub fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         // xorshift64*
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -78,7 +77,7 @@ impl Dice {
 
 /// How a test file is written.
 #[derive(Debug, Clone, Copy)]
-pub enum Style {
+pub(crate) enum Style {
     /// Exactly the reference layout (the fast path).
     Compact,
     /// Random whitespace, key order, escaped keys and extra fields of every type, mixed
@@ -99,7 +98,7 @@ const EXTRAS: [&str; 8] = [
 ];
 
 /// Writes `records` as a JSON array in `style`.
-pub fn render(records: &[RefRecord], style: Style) -> Vec<u8> {
+pub(crate) fn render(records: &[RefRecord], style: Style) -> Vec<u8> {
     let mut out = Vec::new();
     let mut dice = match style {
         Style::Compact => None,
@@ -148,21 +147,26 @@ fn varied_record(r: &RefRecord, d: &mut Dice) -> String {
     format!("{{{}{}{}}}", WS[d.below(6)], fields.join(&sep), WS[d.below(6)])
 }
 
+/// A task body: `{"correlation_id": id, "phones": phones}` (any JSON id).
+pub(crate) fn task(id: impl serde::Serialize, phones: &[u64]) -> String {
+    serde_json::json!({ "correlation_id": id, "phones": phones }).to_string()
+}
+
 /// Writes `bytes` to a fresh file in its own temporary directory.
-pub fn temp_file(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+pub(crate) fn temp_file(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("data.json");
     std::fs::write(&path, bytes).expect("write test data");
     (dir, path)
 }
 
-pub fn pool(threads: usize) -> rayon::ThreadPool {
+pub(crate) fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("test pool")
 }
 
 /// Starts an in-process service on `names`' queues over `data`, with its snapshot in
 /// `dir`, HTTP on an ephemeral port, and `extra` settings on top.
-pub async fn start_service(
+pub(crate) async fn start_service(
     names: &amqp::Names,
     data: &std::path::Path,
     dir: &std::path::Path,

@@ -2,15 +2,15 @@
 //! new statistics are served, old cache entries never are, a broken replacement leaves
 //! the old data serving, and no report ever mixes two files.
 
-mod support;
+use crate::support;
 
 use report_service::clock::SystemClock;
 use report_service::metrics::Source;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
 use support::amqp::{Client, Names, WAIT, collect, next_json};
-use support::start_service;
+use support::{start_service, task};
 
 /// `phones` phones with `per_phone` records each, every record lasting `seconds`.
 fn uniform_file(phones: u64, per_phone: u64, seconds: i64) -> String {
@@ -30,10 +30,6 @@ fn replace(path: &Path, contents: &str) {
     let next = path.with_extension("next");
     std::fs::write(&next, contents).unwrap();
     std::fs::rename(&next, path).unwrap();
-}
-
-fn task(id: u64, phones: &[u64]) -> String {
-    json!({ "correlation_id": id, "phones": phones }).to_string()
 }
 
 fn avg_and_count(report: &Value) -> Vec<(f64, u64)> {

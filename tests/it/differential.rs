@@ -1,7 +1,7 @@
 //! Differential tests: the indexed, parallel path against a slow serde_json reference,
 //! on every layout, at the exact boundary values, with any split of the work.
 
-mod support;
+use crate::support;
 
 use proptest::prelude::*;
 use report_service::compute::compute;

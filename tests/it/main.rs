@@ -1,0 +1,17 @@
+//! The integration tests, one binary (as zero-to-production's `tests/api/`): each
+//! module tests one face of the service; `support` holds the reference implementation,
+//! the broker client, the child-process harness and the TCP proxy they share.
+//!
+//! Tests that talk to the broker run side by side on their own randomly named queues;
+//! the one that restarts the broker waits for the broker to itself (`support::broker`).
+
+mod datagen;
+mod differential;
+mod faults;
+mod hostile;
+mod malformed_data;
+mod producer;
+mod reload;
+mod service;
+mod shutdown;
+mod support;
