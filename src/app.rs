@@ -205,6 +205,15 @@ fn instance_name() -> String {
     format!("{host} pid {}", std::process::id())
 }
 
+/// The `rabbitmqctl` command granting `AMQP_URL`'s user on its vhost the least the
+/// service needs (`report-service permissions`).
+pub fn permissions_command(config: &Config) -> String {
+    let uri: Option<lapin::uri::AMQPUri> = config.amqp_url.expose().parse().ok();
+    let (vhost, user) =
+        uri.map_or(("/".to_owned(), "guest".to_owned()), |uri| (uri.vhost, uri.authority.userinfo.username));
+    Topology::from_config(config, "").permissions().command(&vhost, &user)
+}
+
 /// One report without a broker (`report-service report`): `data` indexed, `phones`
 /// computed and the report serialised by the worker's own path, with no cache.
 pub async fn report_once(

@@ -5,6 +5,7 @@
 //! build configs without touching the process environment. A bad value is reported
 //! with the variable's name; nothing here connects, opens or binds anything.
 
+use crate::tls::TlsSettings;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -25,8 +26,29 @@ pub struct Setting {
 
 /// Every setting, in README order. Defaults are stated here and nowhere else in code;
 /// each number's accepted range is in [`Config::from_vars`] and the README.
-pub const SETTINGS: [Setting; 19] = [
+pub const SETTINGS: [Setting; 24] = [
     Setting { variable: "AMQP_URL", default: Some("amqp://guest:guest@127.0.0.1:5672/%2f"), help: "broker URL" },
+    Setting {
+        variable: "AMQP_URL_FILE",
+        default: None,
+        help: "a file holding the broker URL, instead of AMQP_URL (Docker secrets)",
+    },
+    Setting {
+        variable: "AMQP_PASSWORD_FILE",
+        default: None,
+        help: "a file holding the broker password, replacing the URL's",
+    },
+    Setting {
+        variable: "AMQP_CA_FILE",
+        default: None,
+        help: "PEM CA certificates trusted for amqps:// besides the system's",
+    },
+    Setting {
+        variable: "AMQP_CLIENT_CERT_FILE",
+        default: None,
+        help: "PEM client certificate chain for amqps:// (mutual TLS)",
+    },
+    Setting { variable: "AMQP_CLIENT_KEY_FILE", default: None, help: "PEM private key of AMQP_CLIENT_CERT_FILE" },
     Setting { variable: "TASK_QUEUE", default: Some("task_report"), help: "queue tasks are consumed from" },
     Setting { variable: "REPORT_QUEUE", default: Some("ready_report"), help: "queue reports go to without reply_to" },
     Setting {
@@ -84,6 +106,11 @@ pub struct ConfigError {
 pub struct AmqpUrl(String);
 
 impl AmqpUrl {
+    /// Whether it is `amqps://`.
+    pub fn is_tls(&self) -> bool {
+        self.0.starts_with("amqps://")
+    }
+
     /// The full URL, password included: for connecting only, never for logs.
     pub fn expose(&self) -> &str {
         &self.0
@@ -127,8 +154,11 @@ pub fn redact(url: &str) -> String {
 /// The service's settings. See [`SETTINGS`] for defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// `AMQP_URL`.
+    /// `AMQP_URL`, or the contents of `AMQP_URL_FILE`; its password replaced by the
+    /// contents of `AMQP_PASSWORD_FILE` if set.
     pub amqp_url: AmqpUrl,
+    /// `AMQP_CA_FILE`, `AMQP_CLIENT_CERT_FILE`, `AMQP_CLIENT_KEY_FILE`, read and checked.
+    pub tls: TlsSettings,
     /// `TASK_QUEUE`.
     pub task_queue: String,
     /// `REPORT_QUEUE`.
@@ -175,8 +205,11 @@ impl Config {
             let default = SETTINGS.iter().find(|s| s.variable == variable).and_then(|s| s.default);
             Value { variable, raw: vars.get(variable).map(String::as_str).or(default) }
         };
+        let amqp_url = broker_url(vars, &get)?;
+        let tls = tls_settings(&amqp_url, &get)?;
         Ok(Config {
-            amqp_url: get("AMQP_URL").amqp_url()?,
+            amqp_url,
+            tls,
             task_queue: get("TASK_QUEUE").queue(255 - crate::retry::QUEUE_SUFFIX_MAX_LEN)?,
             report_queue: get("REPORT_QUEUE").queue(255)?,
             dead_letter_queue: get("DEAD_LETTER_QUEUE").queue(255)?,
@@ -235,6 +268,61 @@ pub fn flags(offered: impl Fn(&Setting) -> bool) -> impl Iterator<Item = clap::A
     })
 }
 
+/// The broker URL: `AMQP_URL` or the contents of `AMQP_URL_FILE` (not both), with the
+/// password from `AMQP_PASSWORD_FILE` if set.
+fn broker_url<'a>(
+    vars: &HashMap<String, String>,
+    get: &impl Fn(&'static str) -> Value<'a>,
+) -> Result<AmqpUrl, ConfigError> {
+    let url_file = get("AMQP_URL_FILE");
+    let url = match url_file.raw {
+        Some(_) if vars.contains_key("AMQP_URL") => return Err(url_file.error("AMQP_URL_FILE or AMQP_URL, not both")),
+        Some(_) => {
+            let text = url_file.read_file()?;
+            Value { variable: "AMQP_URL_FILE", raw: Some(text.trim()) }.amqp_url()?
+        }
+        None => get("AMQP_URL").amqp_url()?,
+    };
+    let password_file = get("AMQP_PASSWORD_FILE");
+    if password_file.raw.is_none() {
+        return Ok(url);
+    }
+    let text = password_file.read_file()?;
+    // `echo secret > file` leaves a newline that is not part of the password.
+    let password = text.strip_suffix('\n').map_or(text.as_str(), |p| p.strip_suffix('\r').unwrap_or(p));
+    let mut parsed = url::Url::parse(url.expose()).map_err(|_| password_file.error("an AMQP_URL it can go into"))?;
+    if password.is_empty() || parsed.username().is_empty() || parsed.set_password(Some(password)).is_err() {
+        return Err(password_file.error("a non-empty password, and a user name in the URL"));
+    }
+    Ok(AmqpUrl(parsed.to_string()))
+}
+
+/// The TLS files, only with an `amqps://` URL (a CA file beside a plain URL would
+/// otherwise leave the operator believing the connection is encrypted).
+fn tls_settings<'a>(url: &AmqpUrl, get: &impl Fn(&'static str) -> Value<'a>) -> Result<TlsSettings, ConfigError> {
+    let (ca, cert, key) = (get("AMQP_CA_FILE"), get("AMQP_CLIENT_CERT_FILE"), get("AMQP_CLIENT_KEY_FILE"));
+    let mut settings = TlsSettings::system_only();
+    for file in [&ca, &cert, &key] {
+        if file.raw.is_some() && !url.is_tls() {
+            return Err(file.error("to be unset: AMQP_URL is not amqps://"));
+        }
+    }
+    if ca.raw.is_some() {
+        settings = settings.with_ca_pem(ca.read_file()?).map_err(|e| ca.error(format!("a PEM CA file: {e}")))?;
+    }
+    match (cert.raw, key.raw) {
+        (None, None) => {}
+        (Some(_), Some(_)) => {
+            settings = settings
+                .with_client_identity(cert.read_file()?, key.read_file()?)
+                .map_err(|e| cert.error(format!("a PEM certificate matching AMQP_CLIENT_KEY_FILE: {e}")))?;
+        }
+        (Some(_), None) => return Err(key.error("set too: AMQP_CLIENT_CERT_FILE needs its key")),
+        (None, Some(_)) => return Err(cert.error("set too: AMQP_CLIENT_KEY_FILE needs its certificate")),
+    }
+    Ok(settings)
+}
+
 /// A variable's raw value (or default) being validated.
 struct Value<'a> {
     variable: &'static str,
@@ -247,7 +335,17 @@ fn usize_non_zero(n: u64) -> Option<NonZeroUsize> {
 
 impl Value<'_> {
     fn error(&self, expected: impl Into<String>) -> ConfigError {
-        ConfigError { variable: self.variable, value: redact(self.raw.unwrap_or("")), expected: expected.into() }
+        let raw = self.raw.unwrap_or("");
+        // A URL may carry a password; no other setting is secret (files are named, never
+        // quoted).
+        let value = if self.variable.starts_with("AMQP_URL") { redact(raw) } else { raw.to_owned() };
+        ConfigError { variable: self.variable, value, expected: expected.into() }
+    }
+
+    /// The contents of the file this variable names (UTF-8).
+    fn read_file(&self) -> Result<String, ConfigError> {
+        let path = self.raw.filter(|p| !p.is_empty()).ok_or_else(|| self.error("a file path"))?;
+        std::fs::read_to_string(path).map_err(|e| self.error(format!("a readable UTF-8 file ({e})")))
     }
 
     fn text(&self) -> Result<String, ConfigError> {
@@ -291,8 +389,10 @@ impl Value<'_> {
 
     fn amqp_url(&self) -> Result<AmqpUrl, ConfigError> {
         let raw = self.raw.unwrap_or("");
-        if raw.starts_with("amqps://") {
-            return Err(self.error("an amqp:// URL (this build has no TLS support)"));
+        if raw.starts_with("amqps://") && !crate::tls::AVAILABLE {
+            return Err(
+                self.error("an amqp:// URL (this build has no TLS support: it was built without the `tls` feature)")
+            );
         }
         match raw.parse::<lapin::uri::AMQPUri>() {
             // The threads' stacks are sized for headers of at most one 128 KiB frame
@@ -300,8 +400,8 @@ impl Value<'_> {
             Ok(uri) if uri.query.frame_max.is_some_and(|f| f == 0 || f > crate::broker::FRAME_MAX) => {
                 Err(self.error("a frame_max of at most 131072 (the default) in the URL"))
             }
-            Ok(_) if raw.starts_with("amqp://") => Ok(AmqpUrl(raw.to_owned())),
-            _ => Err(self.error("an amqp:// URL such as amqp://user:password@host:5672/%2f")),
+            Ok(_) if raw.starts_with("amqp://") || raw.starts_with("amqps://") => Ok(AmqpUrl(raw.to_owned())),
+            _ => Err(self.error("an amqp:// or amqps:// URL such as amqp://user:password@host:5672/%2f")),
         }
     }
 }
@@ -343,13 +443,80 @@ mod tests {
             ("WORKER_THREADS", "many"),
             ("TASK_QUEUE", ""),
             ("AMQP_URL", "http://example.com"),
-            ("AMQP_URL", "amqps://u:p@host"),
+            ("AMQP_URL", "amqps://u:p@host/%2f?frame_max=0"),
             ("AMQP_URL", "amqp://u:p@host/%2f?frame_max=262144"),
             ("AMQP_URL", "amqp://u:p@host/%2f?frame_max=0"),
         ] {
             let err = config(&[(variable, value)]).expect_err(value);
             assert_eq!(err.variable, variable);
             assert!(err.to_string().starts_with(&format!("invalid {variable}=")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_bad_value_other_than_a_url_is_quoted_as_given() {
+        let err = config(&[("PREFETCH", "lots")]).unwrap_err();
+        assert_eq!(err.to_string(), "invalid PREFETCH=\"lots\": expected a whole number from 1 to 65535");
+    }
+
+    /// A file in a fresh temporary directory.
+    fn file(contents: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, contents).unwrap();
+        (dir, path.display().to_string())
+    }
+
+    #[test]
+    fn the_url_can_come_from_a_file_but_not_from_both() {
+        let (_dir, path) = file("amqp://svc:s3cret@rabbit:5672/%2f\n");
+        let c = config(&[("AMQP_URL_FILE", &path)]).unwrap();
+        assert_eq!(c.amqp_url.expose(), "amqp://svc:s3cret@rabbit:5672/%2f");
+        let err = config(&[("AMQP_URL_FILE", &path), ("AMQP_URL", "amqp://rabbit")]).unwrap_err();
+        assert_eq!(err.variable, "AMQP_URL_FILE");
+        let err = config(&[("AMQP_URL_FILE", "/nonexistent/url")]).unwrap_err();
+        assert!(err.to_string().contains("a readable UTF-8 file"), "{err}");
+        let (_bad, bad) = file("http://svc:s3cret@rabbit\n");
+        let err = config(&[("AMQP_URL_FILE", &bad)]).unwrap_err();
+        assert_eq!(err.variable, "AMQP_URL_FILE");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn a_password_file_replaces_the_urls_password_encoded_and_never_shows() {
+        let (_dir, path) = file("p@ss:w/rd\n");
+        let c = config(&[("AMQP_URL", "amqp://svc@rabbit:5672/%2f"), ("AMQP_PASSWORD_FILE", &path)]).unwrap();
+        assert_eq!(c.amqp_url.expose(), "amqp://svc:p%40ss%3Aw%2Frd@rabbit:5672/%2f");
+        let uri: lapin::uri::AMQPUri = c.amqp_url.expose().parse().unwrap();
+        assert_eq!(uri.authority.userinfo.password, "p@ss:w/rd", "lapin decodes it back");
+        assert!(!format!("{c:?}").contains("p@ss") && !c.amqp_url.to_string().contains("ss"));
+        let err = config(&[("AMQP_URL", "amqp://rabbit/%2f"), ("AMQP_PASSWORD_FILE", &path)]).unwrap_err();
+        assert_eq!(err.variable, "AMQP_PASSWORD_FILE");
+        assert!(!err.to_string().contains("p@ss"), "{err}");
+        let (_empty_dir, empty) = file("\n");
+        let err = config(&[("AMQP_PASSWORD_FILE", &empty)]).unwrap_err();
+        assert_eq!(err.variable, "AMQP_PASSWORD_FILE");
+    }
+
+    #[test]
+    fn tls_files_need_an_amqps_url_and_a_certificate_needs_its_key() {
+        let (_dir, path) = file("-----BEGIN CERTIFICATE-----\n");
+        for variable in ["AMQP_CA_FILE", "AMQP_CLIENT_CERT_FILE", "AMQP_CLIENT_KEY_FILE"] {
+            let err = config(&[(variable, &path)]).unwrap_err();
+            assert_eq!(err.variable, variable);
+            assert!(err.to_string().contains("AMQP_URL is not amqps://"), "{err}");
+        }
+        if crate::tls::AVAILABLE {
+            let tls = ("AMQP_URL", "amqps://svc:pw@rabbit:5671/%2f");
+            assert!(config(&[tls]).unwrap().amqp_url.is_tls());
+            assert_eq!(config(&[tls, ("AMQP_CLIENT_CERT_FILE", &path)]).unwrap_err().variable, "AMQP_CLIENT_KEY_FILE");
+            assert_eq!(config(&[tls, ("AMQP_CLIENT_KEY_FILE", &path)]).unwrap_err().variable, "AMQP_CLIENT_CERT_FILE");
+            let err = config(&[tls, ("AMQP_CA_FILE", &path)]).unwrap_err();
+            assert_eq!(err.variable, "AMQP_CA_FILE");
+            assert!(err.to_string().contains("a PEM CA file"), "{err}");
+        } else {
+            let err = config(&[("AMQP_URL", "amqps://svc:pw@rabbit:5671/%2f")]).unwrap_err();
+            assert!(err.to_string().contains("built without the `tls` feature"), "{err}");
         }
     }
 
@@ -363,7 +530,7 @@ mod tests {
         let c = config(&[("AMQP_URL", "amqp://svc:s3cret@rabbit:5672/%2f")]).unwrap();
         assert_eq!(c.amqp_url.to_string(), "amqp://svc:***@rabbit:5672/%2f");
         assert!(!format!("{c:?}").contains("s3cret"));
-        let err = config(&[("AMQP_URL", "amqps://svc:s3cret@rabbit")]).unwrap_err();
+        let err = config(&[("AMQP_URL", "amqps://svc:s3cret@rabbit/%2f?frame_max=0")]).unwrap_err();
         assert!(!err.to_string().contains("s3cret"), "{err}");
         assert_eq!(redact("amqp://rabbit/%2f"), "amqp://rabbit/%2f");
         assert_eq!(redact("amqp://user@rabbit"), "amqp://user@rabbit");

@@ -21,6 +21,7 @@
 //! - [`consumer`]: the consume loop: sessions, reconnects, shutdown steps.
 //! - [`app`]: wiring from a [`config::Config`] to a running service.
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: what operators see.
+//! - [`tls`]: the certificates `amqps://` trusts and presents, for both AMQP clients.
 //! - [`config`], [`clock`], [`shutdown`], [`stack`], [`heap`]: inputs and process set-up.
 //! - [`datagen`]: deterministic data.json generation for tests, benches and users.
 //! - [`producer`]: the client side: send, sample tasks, load test, echo baseline.
@@ -55,3 +56,4 @@ pub mod snapshot;
 pub mod stack;
 pub mod stats;
 pub mod telemetry;
+pub mod tls;

@@ -51,7 +51,12 @@ pub struct Sweeper {
 impl Sweeper {
     /// A sweeper for `topology`'s task queue, naming `instance` in dead-letter headers.
     pub fn new(topology: &Topology, instance: &str) -> Sweeper {
-        let endpoint = topology.url.expose().parse::<lapin::uri::AMQPUri>().ok().map(|uri| Endpoint::from_uri(&uri));
+        let endpoint = topology
+            .url
+            .expose()
+            .parse::<lapin::uri::AMQPUri>()
+            .ok()
+            .map(|uri| Endpoint::from_uri(&uri, &topology.tls));
         Sweeper {
             endpoint,
             task_queue: topology.task_queue.clone(),
@@ -324,6 +329,7 @@ mod tests {
     fn the_copy_of_an_undecodable_message_is_readable_and_keeps_the_original_bytes_escaped() {
         let topology = Topology {
             url: crate::config::Config::from_vars(&Default::default()).unwrap().amqp_url,
+            tls: crate::tls::TlsSettings::system_only(),
             task_queue: "tasks".into(),
             report_queue: "reports".into(),
             dead_letter_queue: "dlq".into(),

@@ -7,8 +7,9 @@ use report_service::config::{self, Config};
 use report_service::producer::{self, Client, FIRST_SAMPLE_ID, LoadOptions, SAMPLE_TASKS};
 use std::time::Duration;
 
-/// Client for report-service. AMQP_URL, TASK_QUEUE and REPORT_QUEUE come from the
-/// environment or the flags of the same name, as for the service.
+/// Client for report-service. The broker settings (AMQP_URL or AMQP_URL_FILE, the TLS
+/// files), TASK_QUEUE and REPORT_QUEUE come from the environment or the flags of the same
+/// name, as for the service.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
@@ -73,7 +74,16 @@ enum Command {
 }
 
 /// The settings the producer shares with the service.
-const SHARED: [&str; 3] = ["AMQP_URL", "TASK_QUEUE", "REPORT_QUEUE"];
+const SHARED: [&str; 8] = [
+    "AMQP_URL",
+    "AMQP_URL_FILE",
+    "AMQP_PASSWORD_FILE",
+    "AMQP_CA_FILE",
+    "AMQP_CLIENT_CERT_FILE",
+    "AMQP_CLIENT_KEY_FILE",
+    "TASK_QUEUE",
+    "REPORT_QUEUE",
+];
 
 fn main() -> Result<()> {
     report_service::stack::ensure_deep_stacks();
@@ -89,7 +99,7 @@ fn main() -> Result<()> {
 }
 
 async fn run(command: Command, config: Config) -> Result<()> {
-    let client = Client::connect(&config.amqp_url, &config.task_queue)
+    let client = Client::connect(&config.amqp_url, &config.tls, &config.task_queue)
         .await
         .with_context(|| format!("cannot reach the broker at {}", config.amqp_url))?;
     let result = match command {

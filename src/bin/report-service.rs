@@ -37,6 +37,9 @@ enum Command {
     },
     /// Exit 0 when the worker at HTTP_ADDR reports ready on /health, 1 otherwise.
     Healthcheck,
+    /// Print the `rabbitmqctl set_permissions` command that gives AMQP_URL's user the
+    /// least the service needs with these settings.
+    Permissions,
 }
 
 fn parse_correlation_id(text: &str) -> Result<CorrelationId, String> {
@@ -65,6 +68,10 @@ fn main() -> Result<()> {
             let data = data.unwrap_or(config.data_path.clone());
             let report = runtime.block_on(app::report_once(&data, &phones, &correlation_id, config.worker_threads))?;
             println!("{}", String::from_utf8_lossy(&report));
+            Ok(())
+        }
+        Some(Command::Permissions) => {
+            println!("{}", app::permissions_command(&config));
             Ok(())
         }
         Some(Command::Healthcheck) => {

@@ -9,6 +9,7 @@
 pub mod raw;
 
 use crate::config::{AmqpUrl, Config};
+use crate::tls::TlsSettings;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -115,6 +116,8 @@ fn short(what: &'static str, text: &str) -> Result<ShortString, BrokerError> {
 pub struct Topology {
     /// `AMQP_URL`.
     pub url: AmqpUrl,
+    /// The certificates for an `amqps://` URL.
+    pub tls: TlsSettings,
     /// `TASK_QUEUE`.
     pub task_queue: String,
     /// `REPORT_QUEUE`.
@@ -146,6 +149,7 @@ impl Topology {
             .collect();
         Topology {
             url: config.amqp_url.clone(),
+            tls: config.tls.clone(),
             task_queue: config.task_queue.clone(),
             report_queue: config.report_queue.clone(),
             dead_letter_queue: config.dead_letter_queue.clone(),
@@ -155,11 +159,65 @@ impl Topology {
         }
     }
 
+    /// The least the service's broker user needs (README, "Production").
+    pub fn permissions(&self) -> Permissions {
+        let task = literal(&self.task_queue);
+        let retry = format!(r"{task}\.retry\.[0-9]+ms");
+        let (report, dlq) = (literal(&self.report_queue), literal(&self.dead_letter_queue));
+        Permissions {
+            configure: format!("^({task}|{retry}|{report}|{dlq})$"),
+            write: format!(r"^(amq\.default|{task})$"),
+            read: format!(r"^({task}|{retry}|amq\.direct)$"),
+        }
+    }
+
     /// Whether `queue` is one the service consumes from or parks messages in: never a
     /// destination for a client's report.
     pub fn is_own_input(&self, queue: &str) -> bool {
         queue == self.task_queue || queue == self.dead_letter_queue || self.retry_queues.iter().any(|(q, _)| q == queue)
     }
+}
+
+/// The broker permissions the service needs on its vhost and nothing more: regular
+/// expressions over resource names, as `rabbitmqctl set_permissions` takes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    /// Declaring its queues: the task, report and dead-letter queues, the retry queues.
+    pub configure: String,
+    /// Publishing through the default exchange (reports, replies, dead-letter and retry
+    /// copies), and binding the task queue to `amq.direct`.
+    pub write: String,
+    /// Consuming tasks; the retry queues (RabbitMQ checks read on a queue declared with
+    /// a dead-letter exchange), and `amq.direct` for the binding.
+    pub read: String,
+}
+
+impl Permissions {
+    /// The `rabbitmqctl` command that grants them to `user` on `vhost`, quoted for a
+    /// POSIX shell.
+    pub fn command(&self, vhost: &str, user: &str) -> String {
+        let quote = |text: &str| format!("'{}'", text.replace('\'', r"'\''"));
+        format!(
+            "rabbitmqctl set_permissions -p {} {} {} {} {}",
+            quote(vhost),
+            quote(user),
+            quote(&self.configure),
+            quote(&self.write),
+            quote(&self.read)
+        )
+    }
+}
+
+/// `text` as a regular expression that matches exactly it.
+fn literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "\\.^$|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// How a queue the service uses was found at startup.
@@ -264,7 +322,9 @@ async fn connect(topology: &Topology) -> Result<Connection, BrokerError> {
     let mut uri: lapin::uri::AMQPUri =
         topology.url.expose().parse().map_err(|_| BrokerError::ChannelClosed { operation: "parse the broker URL" })?;
     uri.query.frame_max.get_or_insert(FRAME_MAX);
-    bounded("connect", Connection::connect_uri(uri, properties)).await
+    let runtime =
+        lapin::runtime::default_runtime().map_err(|source| BrokerError::Amqp { operation: "connect", source })?;
+    bounded("connect", Connection::connect_uri_with_config(uri, properties, topology.tls.lapin(), runtime)).await
 }
 
 /// The largest frame the service accepts, unless `AMQP_URL` says otherwise
@@ -384,4 +444,36 @@ pub async fn requeue_within(delivery: &Delivery, within: Duration) -> Result<(),
 
 fn unix_seconds() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology(vars: &[(&str, &str)]) -> Topology {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Topology::from_config(&Config::from_vars(&vars).unwrap(), "test")
+    }
+
+    #[test]
+    fn the_minimum_permissions_name_exactly_the_services_resources() {
+        let permissions = topology(&[]).permissions();
+        assert_eq!(
+            permissions.configure,
+            r"^(task_report|task_report\.retry\.[0-9]+ms|ready_report|task_report\.dlq)$"
+        );
+        assert_eq!(permissions.write, r"^(amq\.default|task_report)$");
+        assert_eq!(permissions.read, r"^(task_report|task_report\.retry\.[0-9]+ms|amq\.direct)$");
+        assert_eq!(
+            permissions.command("/", "svc"),
+            r"rabbitmqctl set_permissions -p '/' 'svc' '^(task_report|task_report\.retry\.[0-9]+ms|ready_report|task_report\.dlq)$' '^(amq\.default|task_report)$' '^(task_report|task_report\.retry\.[0-9]+ms|amq\.direct)$'"
+        );
+    }
+
+    #[test]
+    fn queue_names_are_matched_literally_and_quoted_for_the_shell() {
+        let permissions = topology(&[("TASK_QUEUE", "a+b(c)"), ("REPORT_QUEUE", "it's")]).permissions();
+        assert!(permissions.configure.starts_with(r"^(a\+b\(c\)|a\+b\(c\)\.retry\."), "{}", permissions.configure);
+        assert!(permissions.command("/", "u").contains(r"|it'\''s|"), "{}", permissions.command("/", "u"));
+    }
 }

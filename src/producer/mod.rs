@@ -7,6 +7,7 @@
 //! The load test lives in `load`, the echo baseline in `echo`.
 
 use crate::config::AmqpUrl;
+use crate::tls::TlsSettings;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
@@ -66,10 +67,13 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `url` and declares `task_queue` (durable).
-    pub async fn connect(url: &AmqpUrl, task_queue: &str) -> Result<Client, ClientError> {
+    /// Connects to `url` (with `tls` for `amqps://`) and declares `task_queue` (durable).
+    pub async fn connect(url: &AmqpUrl, tls: &TlsSettings, task_queue: &str) -> Result<Client, ClientError> {
         let properties = ConnectionProperties::default().with_connection_name("report-service producer".into());
-        let connection = Connection::connect(url.expose(), properties).await.map_err(amqp("connect"))?;
+        let runtime = lapin::runtime::default_runtime().map_err(amqp("connect"))?;
+        let connection = Connection::connect_with_config(url.expose(), properties, tls.lapin(), runtime)
+            .await
+            .map_err(amqp("connect"))?;
         let channel = connection.create_channel().await.map_err(amqp("channel.open"))?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("confirm.select"))?;
         let task_queue = ShortString::try_new(task_queue).map_err(|_| ClientError::QueueName(task_queue.to_owned()))?;

@@ -8,7 +8,7 @@ use crate::support;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
-use report_service::broker::raw::{Endpoint, RawClient, RawConfirm, RawProperties, RawTable, RawValue};
+use report_service::broker::raw::{RawProperties, RawTable, RawValue};
 use report_service::clock::{Clock, SystemClock};
 use report_service::health::HealthState;
 use report_service::metrics::Outcome;
@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::amqp::{
-    self, AMQP_URL, BrokerUser, Client, Names, Policy, WAIT, collect, data_file, drain_queue, expected_data,
-    header_text, next_json, ready_messages,
+    self, BrokerUser, Client, Names, Policy, WAIT, collect, data_file, drain_queue, expected_data, header_text,
+    next_json, publish_raw, ready_messages,
 };
 use support::worker::{READY, Worker, http_get};
 use support::{start_service, task};
@@ -39,14 +39,6 @@ async fn answers_an_ordinary_task(
     let (report, _) = next_json(reports).await;
     assert_eq!(report["correlation_id"], id);
     assert_eq!(report["data"], expected_data(records, &[1, 2, 3]));
-}
-
-/// Publishes with the minimal raw client: properties lapin itself cannot even express.
-async fn publish_raw(queue: &str, properties: RawProperties, body: &[u8]) {
-    let uri: lapin::uri::AMQPUri = AMQP_URL.parse().unwrap();
-    let mut raw = RawClient::connect(&Endpoint::from_uri(&uri), "test raw publisher").await.expect("raw connect");
-    assert_eq!(raw.publish(queue.as_bytes(), &properties, body).await.expect("publish"), RawConfirm::Queued);
-    raw.close().await;
 }
 
 /// A body of 200,000 `[`, an object 100,000 deep and deep nesting inside `phones` used

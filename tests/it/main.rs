@@ -11,6 +11,7 @@ mod faults;
 mod hostile;
 mod malformed_data;
 mod producer;
+mod production;
 mod reload;
 mod service;
 mod shutdown;

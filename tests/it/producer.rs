@@ -6,6 +6,7 @@ use crate::support;
 use report_service::clock::SystemClock;
 use report_service::config::AmqpUrl;
 use report_service::producer::{self, Client as Producer, LoadOptions};
+use report_service::tls::TlsSettings;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +30,7 @@ async fn a_load_test_against_the_service_counts_every_answer() {
     let (data, _) = data_file(dir.path(), 200, 50);
     let _queues = Client::new(&names).await;
     let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
-    let client = Producer::connect(&url(), &names.tasks).await.unwrap();
+    let client = Producer::connect(&url(), &TlsSettings::system_only(), &names.tasks).await.unwrap();
     let options = LoadOptions {
         tasks: 400,
         concurrency: 32,

@@ -2,7 +2,8 @@
 //! the frames they are made of. Reads go through a buffer so a timeout never loses bytes.
 
 use super::codec::{Reader, Writer, decode_properties, encode_properties};
-use super::{RawConfirm, RawDelivery, RawError, RawProperties};
+use super::{RawConfirm, RawDelivery, RawError, RawProperties, Transport};
+use crate::tls::TlsSettings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -22,26 +23,29 @@ const CHANNEL: u16 = 20;
 const BASIC: u16 = 60;
 const CONFIRM: u16 = 85;
 
-/// The parts of a broker URL this client needs (from lapin's own URL parser).
+/// The parts of a broker URL this client needs (from lapin's own URL parser), and the
+/// TLS settings for an `amqps://` one.
 #[derive(Debug, Clone)]
-#[allow(missing_docs)] // each is the URL part of its name
 pub struct Endpoint {
-    pub host: String,
-    pub port: u16,
-    pub vhost: String,
-    pub username: String,
-    pub password: String,
+    host: String,
+    port: u16,
+    vhost: String,
+    username: String,
+    password: String,
+    /// `Some` for `amqps://`.
+    tls: Option<TlsSettings>,
 }
 
 impl Endpoint {
-    /// The parts of `uri`.
-    pub fn from_uri(uri: &lapin::uri::AMQPUri) -> Endpoint {
+    /// The parts of `uri`; `tls` is used if its scheme is `amqps`.
+    pub fn from_uri(uri: &lapin::uri::AMQPUri, tls: &TlsSettings) -> Endpoint {
         Endpoint {
             host: uri.authority.host.clone(),
             port: uri.authority.port,
             vhost: uri.vhost.clone(),
             username: uri.authority.userinfo.username.clone(),
             password: uri.authority.userinfo.password.clone(),
+            tls: (uri.scheme == lapin::uri::AMQPScheme::AMQPS).then(|| tls.clone()),
         }
     }
 }
@@ -49,7 +53,7 @@ impl Endpoint {
 /// One connection with one channel (1) in confirm mode.
 #[derive(Debug)]
 pub struct RawClient {
-    stream: TcpStream,
+    stream: Box<dyn Transport>,
     /// Bytes read but not yet parsed into frames. Reads go through this buffer, so a
     /// read cut short by a timeout loses nothing (`read` is cancellation-safe; a
     /// half-finished `read_exact` would not be).
@@ -63,8 +67,12 @@ impl RawClient {
     /// Connects, authenticates, opens channel 1 and selects confirm mode. `name` is the
     /// connection name shown in the management UI and `rabbitmqctl list_connections`.
     pub async fn connect(endpoint: &Endpoint, name: &str) -> Result<RawClient, RawError> {
-        let mut stream = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
-        stream.set_nodelay(true)?;
+        let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
+        tcp.set_nodelay(true)?;
+        let mut stream = match &endpoint.tls {
+            Some(tls) => tls.connect(tcp, &endpoint.host).await?,
+            None => Box::new(tcp),
+        };
         stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
         let mut client = RawClient { stream, buffer: Vec::new(), frame_max: MAX_FRAME, published: 0 };
 

@@ -25,6 +25,11 @@ pub use codec::{content_header, escape_bytes, parse_content_header, table_proble
 
 use std::time::Duration;
 
+/// The byte stream under the client: TCP, or TLS over TCP for `amqps://`.
+pub trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + std::fmt::Debug {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + std::fmt::Debug> Transport for T {}
+
 /// Nested header tables deeper than this are kept as opaque bytes, so decoding never
 /// recurses without bound.
 const MAX_TABLE_DEPTH: usize = 32;

@@ -3,6 +3,8 @@
 pub(crate) mod amqp;
 pub(crate) mod broker;
 pub(crate) mod proxy;
+#[cfg(feature = "tls")]
+pub(crate) mod tls;
 pub(crate) mod worker;
 
 use report_service::stats::CallStats;

@@ -1,0 +1,198 @@
+//! Running it as an operator would outside a laptop: `amqps://` through a TLS listener
+//! whose certificate authority the test makes (a wrong CA and a missing client
+//! certificate refused with a clear error), credentials from files, and a broker user
+//! with only the permissions `report-service permissions` prints.
+
+use crate::support;
+
+use report_service::broker::raw::RawProperties;
+use report_service::clock::SystemClock;
+use std::process::Command;
+use std::sync::Arc;
+use support::amqp::{
+    BrokerUser, Client, Names, Policy, data_file, expected_data, header_text, next, next_json, publish_raw,
+};
+use support::{start_service, task};
+
+/// `report-service permissions` for `names`' queues and the default user.
+fn permissions(names: &Names) -> (String, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_report-service"))
+        .arg("permissions")
+        .envs(names.vars())
+        .output()
+        .expect("report-service permissions");
+    assert!(output.status.success(), "{output:?}");
+    let line = String::from_utf8(output.stdout).unwrap();
+    // rabbitmqctl set_permissions -p '/' 'guest' 'C' 'W' 'R'
+    let quoted: Vec<&str> = line.trim().split('\'').skip(1).step_by(2).collect();
+    assert_eq!(quoted.len(), 5, "{line}");
+    assert_eq!((quoted[0], quoted[1]), ("/", "guest"));
+    (quoted[2].to_owned(), quoted[3].to_owned(), quoted[4].to_owned())
+}
+
+/// A user with exactly the printed permissions runs the whole service: it declares its
+/// queues, answers, dead-letters a bad body, moves an undecodable message, and retries a
+/// task through its retry queues (which dead-letter back into the task queue) until it
+/// gives up.
+#[tokio::test]
+async fn the_printed_minimum_permissions_are_enough_for_every_path() {
+    let names = Names::unique("perms");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 10, 100);
+    let (configure, write, read) = permissions(&names);
+    let user = tokio::task::spawn_blocking(move || BrokerUser::with_permissions("least", &configure, &write, &read))
+        .await
+        .unwrap();
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let settings = [("AMQP_URL", user.url()), ("MAX_ATTEMPTS", "2".into()), ("RETRY_DELAY_MS", "50".into())];
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let service = start_service(&names, &data, dir.path(), &settings, Arc::new(SystemClock)).await;
+
+    client.send(&task(1, &[1, 2, 3])).await;
+    let (report, _) = next_json(&mut reports).await;
+    assert_eq!(report["data"], expected_data(&records, &[1, 2, 3]));
+    client.send("not json").await;
+    let poison = RawProperties { message_id: Some(vec![0xff, 0xfe]), ..RawProperties::default() };
+    publish_raw(&names.tasks, poison, task(2, &[1]).as_bytes()).await;
+    client.send(&task(3, &[4])).await;
+    let (report, _) = next_json(&mut reports).await;
+    assert_eq!((report["correlation_id"].as_u64(), &report["data"]), (Some(3), &expected_data(&records, &[4])));
+
+    let full = tokio::task::spawn_blocking({
+        let reports = names.reports.clone();
+        move || Policy::on_queue(&reports, r#"{"max-length":0,"overflow":"reject-publish"}"#)
+    })
+    .await
+    .unwrap();
+    let mut dead = client.consume(&names.dlq).await;
+    client.send(&task(4, &[1])).await;
+    let mut reasons = Vec::new();
+    while reasons.len() < 3 {
+        reasons.push(header_text(&next(&mut dead).await.properties, "x-rejection-reason").unwrap());
+    }
+    drop(full);
+    let metrics = Arc::clone(service.metrics());
+    service.stop().await.unwrap();
+    reasons.sort();
+    assert_eq!(reasons, ["not_json", "retries_exhausted", "undecodable"]);
+    assert_eq!(metrics.tasks_with(report_service::metrics::Outcome::Retried), 1);
+    assert_eq!(metrics.undecodable.get(), 1);
+}
+
+#[cfg(feature = "tls")]
+mod tls {
+    use super::*;
+    use support::amqp::drain_queue;
+    use support::tls::{Authority, TlsListener, secret_file};
+    use support::worker::Worker;
+
+    /// The service over `amqps://` with a private CA: it answers, and its raw client (the
+    /// one that moves undecodable messages) speaks TLS too. The test's own client talks
+    /// plain `amqp://` to the same broker, unaffected.
+    #[tokio::test]
+    async fn the_service_answers_over_amqps_and_sweeps_undecodable_messages_over_it() {
+        let authority = Authority::new("service");
+        let listener = TlsListener::start(&authority, false);
+        let names = Names::unique("tls");
+        let dir = tempfile::tempdir().unwrap();
+        let (data, records) = data_file(dir.path(), 10, 100);
+        let client = Client::new(&names).await;
+        let mut reports = client.consume(&names.reports).await;
+        let ca = authority.path("ca.pem").display().to_string();
+        let url = listener.url();
+        let settings = [("AMQP_URL", url.as_str()), ("AMQP_CA_FILE", ca.as_str())];
+        let service = start_service(&names, &data, dir.path(), &settings, Arc::new(SystemClock)).await;
+        client.send(&task(1, &[1, 2, 3])).await;
+        let (report, _) = next_json(&mut reports).await;
+        assert_eq!(report["data"], expected_data(&records, &[1, 2, 3]));
+        assert_eq!(listener.handshakes(), 1, "the service's connection is the TLS one");
+
+        let poison = RawProperties { reply_to: Some(vec![0xc3]), ..RawProperties::default() };
+        publish_raw(&names.tasks, poison, task(2, &[1]).as_bytes()).await;
+        client.send(&task(3, &[4])).await;
+        let (report, _) = next_json(&mut reports).await;
+        assert_eq!((report["correlation_id"].as_u64(), &report["data"]), (Some(3), &expected_data(&records, &[4])));
+        let metrics = Arc::clone(service.metrics());
+        service.stop().await.unwrap();
+        let dead = drain_queue(&client.channel, &names.dlq).await;
+        assert_eq!(dead.len(), 1);
+        assert_eq!(header_text(&dead[0].delivery.properties, "x-rejection-reason").as_deref(), Some("undecodable"));
+        assert_eq!(metrics.undecodable.get(), 1);
+        assert!(listener.handshakes() >= 3, "a reconnect and the sweeper's connection: {}", listener.handshakes());
+    }
+
+    /// The producer with its URL and password from files (Docker secrets), a private CA
+    /// and a client certificate, against a listener that requires one.
+    fn producer(names: &Names, authority: &Authority, url: &str, ca: &Authority, client_certificate: bool) -> Command {
+        let secrets = authority.dir.path();
+        let without_password = url.replace("guest:guest@", "guest@");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_producer"));
+        command
+            .env_remove("AMQP_URL")
+            .env("AMQP_URL_FILE", secret_file(secrets, "url", &format!("{without_password}\n")))
+            .env("AMQP_PASSWORD_FILE", secret_file(secrets, "password", "guest\n"))
+            .env("AMQP_CA_FILE", ca.path("ca.pem"))
+            .env("TASK_QUEUE", &names.tasks)
+            .env("REPORT_QUEUE", &names.reports);
+        if client_certificate {
+            command
+                .env("AMQP_CLIENT_CERT_FILE", authority.path("client.pem"))
+                .env("AMQP_CLIENT_KEY_FILE", authority.path("client.key"));
+        }
+        command.args(["send", "--phones", "1,2", "--correlation-id", "77", "--wait", "--timeout", "60"]);
+        command
+    }
+
+    async fn run(mut command: Command) -> std::process::Output {
+        tokio::task::spawn_blocking(move || command.output().expect("run the producer")).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_producer_speaks_mutual_tls_with_its_credentials_from_files() {
+        let authority = Authority::new("mutual");
+        let listener = TlsListener::start(&authority, true);
+        let names = Names::unique("mtls");
+        let dir = tempfile::tempdir().unwrap();
+        let (data, records) = data_file(dir.path(), 10, 100);
+        let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+        let output = run(producer(&names, &authority, &listener.url(), &authority, true)).await;
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("the report");
+        assert_eq!((report["correlation_id"].as_u64(), &report["data"]), (Some(77), &expected_data(&records, &[1, 2])));
+        assert_eq!(listener.handshakes(), 1);
+        service.stop().await.unwrap();
+    }
+
+    /// Refusals a person can act on: a server certificate from an unknown CA, and a
+    /// listener that wants a client certificate the client does not have. The worker
+    /// with the wrong CA logs why it cannot connect and stays unready.
+    #[tokio::test]
+    async fn a_wrong_ca_or_a_missing_client_certificate_is_refused_with_a_clear_error() {
+        let authority = Authority::new("right");
+        let stranger = Authority::new("stranger");
+        let listener = TlsListener::start(&authority, true);
+        let names = Names::unique("tlsrefused");
+
+        let output = run(producer(&names, &authority, &listener.url(), &stranger, true)).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains("invalid peer certificate: UnknownIssuer"), "{stderr}");
+
+        let output = run(producer(&names, &authority, &listener.url(), &authority, false)).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains("CertificateRequired"), "{stderr}");
+        assert_eq!(listener.handshakes(), 0, "the listener completed neither handshake");
+
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _) = data_file(dir.path(), 10, 100);
+        let ca = stranger.path("ca.pem").display().to_string();
+        let settings = [("AMQP_URL", listener.url()), ("AMQP_CA_FILE", ca)];
+        let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut worker = Worker::start(&names, &data, dir.path(), &settings);
+        let line = worker.wait_for("invalid peer certificate");
+        assert!(line.contains("UnknownIssuer"), "{line}");
+        assert!(!line.contains("guest:guest"), "no password in the log: {line}");
+    }
+}
