@@ -153,6 +153,7 @@ mod tls {
         let authority = Authority::new("mutual");
         let listener = TlsListener::start(&authority, true);
         let names = Names::unique("mtls");
+        let _cleanup = Client::new(&names).await; // deletes the queues afterwards
         let dir = tempfile::tempdir().unwrap();
         let (data, records) = data_file(dir.path(), 10, 100);
         let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
@@ -164,8 +165,9 @@ mod tls {
         service.stop().await.unwrap();
     }
 
-    /// Refusals a person can act on: a server certificate from an unknown CA, and a
-    /// listener that wants a client certificate the client does not have. The worker
+    /// Refusals a person can act on: a server certificate from an unknown CA, a listener
+    /// that wants a client certificate the client does not have, and a certificate that
+    /// does not name the host the URL connects to. The worker
     /// with the wrong CA logs why it cannot connect and stays unready.
     #[tokio::test]
     async fn a_wrong_ca_or_a_missing_client_certificate_is_refused_with_a_clear_error() {
@@ -184,6 +186,15 @@ mod tls {
         assert!(!output.status.success());
         assert!(stderr.contains("CertificateRequired"), "{stderr}");
         assert_eq!(listener.handshakes(), 0, "the listener completed neither handshake");
+
+        let localhost = Authority::for_localhost_only("localhost");
+        let by_name = TlsListener::start(&localhost, false);
+        let by_address = by_name.url().replace("@localhost:", "@127.0.0.1:");
+        let output = run(producer(&names, &localhost, &by_address, &localhost, false)).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains(r#"certificate not valid for name "127.0.0.1""#), "{stderr}");
+        assert_eq!(by_name.handshakes(), 0);
 
         let dir = tempfile::tempdir().unwrap();
         let (data, _) = data_file(dir.path(), 10, 100);

@@ -23,6 +23,16 @@ pub(crate) struct Authority {
 
 impl Authority {
     pub(crate) fn new(name: &str) -> Authority {
+        Authority::issuing(name, true)
+    }
+
+    /// Like [`Authority::new`], but the server certificate names `localhost` only, so a
+    /// client connecting to 127.0.0.1 must refuse it.
+    pub(crate) fn for_localhost_only(name: &str) -> Authority {
+        Authority::issuing(name, false)
+    }
+
+    fn issuing(name: &str, with_ip_address: bool) -> Authority {
         let dir = tempfile::tempdir().expect("temp dir");
         let ca_key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
@@ -32,7 +42,9 @@ impl Authority {
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write CA");
         let mut authority = Authority { dir, ca, ca_key, server: (String::new(), String::new()) };
         let mut server = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-        server.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+        if with_ip_address {
+            server.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+        }
         authority.server = authority.issue(server);
         let mut client = CertificateParams::new(vec!["report-service".to_owned()]).expect("params");
         client.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
