@@ -15,7 +15,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use report_service::compute::compute;
-use report_service::data::{Dataset, PhoneIndex};
+use report_service::data::{Dataset, PhoneIndex, Segment, Segments};
 use report_service::datagen::{self, Layout, Options};
 use report_service::engine::{CacheSettings, Engine};
 use report_service::message::{CorrelationId, Limits, PhoneReport, Report, complete_report_json, parse_task};
@@ -97,7 +97,7 @@ fn cold_report(c: &mut Criterion) {
         let fixture = fixture(layout);
         for threads in [1, 2] {
             let pool = pool(threads);
-            let dataset = Dataset::open(&fixture.path, &pool).expect("valid fixture");
+            let dataset = Segments::open(&fixture.path, &pool).expect("valid fixture");
             let phones = fixture.phones;
             let records: u64 = compute(&dataset, &phones, &pool).expect("compute").iter().map(|s| s.records).sum();
             group.throughput(Throughput::Elements(records.max(1)));
@@ -114,7 +114,7 @@ fn cold_report(c: &mut Criterion) {
 fn warm_report(c: &mut Criterion) {
     let fixture = fixture(Layout::Sorted);
     let pool = WorkerPool::new("bench", 2).expect("pool");
-    let dataset = Dataset::open(&fixture.path, pool.threads()).expect("valid fixture");
+    let dataset = Segments::open(&fixture.path, pool.threads()).expect("valid fixture");
     let metrics = Arc::new(Metrics::new());
     let engine = Engine::builder(dataset, pool)
         .cache(CacheSettings { ttl: Duration::from_secs(600), max_entries: 1_000 })
@@ -139,7 +139,7 @@ fn warm_report(c: &mut Criterion) {
 fn report_json(c: &mut Criterion) {
     let fixture = fixture(Layout::Sorted);
     let pool = pool(2);
-    let dataset = Dataset::open(&fixture.path, &pool).expect("valid fixture");
+    let dataset = Segments::open(&fixture.path, &pool).expect("valid fixture");
     let stats = compute(&dataset, &TEN_PHONES, &pool).expect("compute");
     let id = CorrelationId::integer("13242421424214").expect("integer");
     let mut group = c.benchmark_group("report_json");
@@ -168,5 +168,49 @@ fn task_parse(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, index_build, cold_report, warm_report, report_json, task_parse);
+/// A 1 % segment joined to the grouped data with every phone cached: indexing the new
+/// segment, reading its records of the cached phones, and moving the cache to the new set
+/// (the reload watcher's work; tasks keep being answered meanwhile).
+fn segment_join(c: &mut Criterion) {
+    let fixture = fixture(Layout::Sorted);
+    let workers = WorkerPool::new("bench", 2).expect("pool");
+    let base = Arc::new(Segment::new("base.json", Dataset::open(&fixture.path, workers.threads()).expect("fixture")));
+    let summary = base.dataset().index().summary();
+    let phones: Vec<u64> = base.dataset().index().phones().to_vec();
+    let day = tempfile::tempdir().expect("temp dir");
+    let options = Options {
+        phones: summary.phones as u64,
+        per_phone: summary.records / summary.phones as u64 / 100,
+        day: datagen::parse_day("2026-11-28"),
+        ..Options::default()
+    };
+    let mut bytes = Vec::new();
+    datagen::generate(&options, &mut bytes, &|_| {}).expect("segment");
+    std::fs::write(day.path().join("2026-11-28.json"), &bytes).expect("write segment");
+    let reload = pool(1);
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let mut group = c.benchmark_group("segment_join");
+    group.sample_size(20).throughput(Throughput::Bytes(bytes.len() as u64));
+    group.bench_function("one_percent_all_phones_cached", |b| {
+        b.iter_batched(
+            || {
+                let engine = Engine::builder(Segments::of(vec![Arc::clone(&base)]), workers.clone())
+                    .cache(CacheSettings { ttl: Duration::from_secs(600), max_entries: 100_000 })
+                    .build();
+                runtime.block_on(engine.stats(&phones)).expect("warm every phone");
+                engine
+            },
+            |engine| {
+                let segment = Segment::open(day.path(), "2026-11-28.json", &reload).expect("segment");
+                let joined = engine.join(vec![Arc::new(segment)], &[], &reload).expect("join");
+                assert_eq!(joined.cache.replaced, phones.len(), "every cached phone updated");
+                engine
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, index_build, cold_report, warm_report, report_json, task_parse, segment_join);
 criterion_main!(benches);

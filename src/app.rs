@@ -9,7 +9,7 @@ use crate::broker::Topology;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::consumer;
-use crate::data::Dataset;
+use crate::data::Segments;
 use crate::engine::{CacheSettings, Engine};
 use crate::health::Health;
 use crate::message::{CorrelationId, Limits, complete_report_json, dedup_phones};
@@ -111,10 +111,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     info!(address = %http_addr, "serving /health and /metrics");
 
     let pool = WorkerPool::new("report-worker", config.worker_threads.get()).context("cannot start the worker pool")?;
-    let dataset = load(&config.data_path, &pool).await?;
+    let data = load(&config.data_path, &pool).await?;
     let marker = DirtyMarker::default();
     let mark = marker.clone();
-    let engine = Engine::builder(dataset, pool.clone())
+    let engine = Engine::builder(data, pool.clone())
         .cache(CacheSettings { ttl: config.cache_ttl, max_entries: config.cache_max_entries.get() })
         .clock(clock)
         .metrics(Arc::clone(&metrics))
@@ -223,47 +223,51 @@ pub async fn report_once(
     threads: std::num::NonZeroUsize,
 ) -> anyhow::Result<Vec<u8>> {
     let pool = WorkerPool::new("report-worker", threads.get()).context("cannot start the worker pool")?;
-    let dataset = load(data, &pool).await?;
-    let engine = Engine::builder(dataset, pool).build();
+    let data = load(data, &pool).await?;
+    let engine = Engine::builder(data, pool).build();
     let (received, started) = (std::time::SystemTime::now(), std::time::Instant::now());
     let answers = engine.stats(&dedup_phones(phones.iter().copied())).await?;
     let entries = answers.iter().map(|a| &a.json[..]);
     Ok(complete_report_json(correlation_id, received, entries, || started.elapsed()))
 }
 
-/// Maps and indexes data.json on the pool.
-pub async fn load(path: &Path, pool: &WorkerPool) -> anyhow::Result<Dataset> {
+/// Maps and indexes the data (a file, or a directory's segments) on the pool.
+pub async fn load(path: &Path, pool: &WorkerPool) -> anyhow::Result<Segments> {
     let (path_buf, build_pool) = (path.to_owned(), pool.clone());
-    let dataset = pool
-        .run(move || Dataset::open(&path_buf, build_pool.threads()))
+    let data = pool
+        .run(move || Segments::open(&path_buf, build_pool.threads()))
         .await
         .context("the index build was abandoned")?
         .with_context(|| format!("cannot use DATA_PATH={}", path.display()))?;
     crate::heap::release_free_memory();
-    let summary = dataset.index().summary();
+    let summary = data.summary();
     info!(
         path = %path.display(),
-        bytes = dataset.identity().len,
+        segments = data.parts().len(),
+        bytes = data.identity().len,
         records = summary.records,
         phones = summary.phones,
         spans = summary.spans,
         index_heap_bytes = summary.heap_bytes,
-        millis = dataset.build_time().as_millis() as u64,
+        millis = data.build_time().as_millis() as u64,
         "data indexed"
     );
+    if data.parts().is_empty() {
+        warn!(path = %path.display(), "the data directory holds no *.json segment yet: every phone has no records");
+    }
     if summary.negative_durations > 0 {
         warn!(
             records = summary.negative_durations,
             "records with end_date before start_date: kept, with negative durations"
         );
     }
-    Ok(dataset)
+    Ok(data)
 }
 
 /// Restores the snapshot if it belongs to the data being served. A snapshot that cannot
 /// be used is logged and moved aside; the service starts with an empty cache.
 fn restore(path: &Path, engine: &Engine) {
-    let identity = engine.current().dataset.identity();
+    let identity = engine.current().data.identity();
     match snapshot::load(path) {
         Ok(None) => info!(path = %path.display(), "no cache snapshot; starting with an empty cache"),
         Ok(Some(snapshot)) if snapshot.identity == identity => {
@@ -273,7 +277,7 @@ fn restore(path: &Path, engine: &Engine) {
             let restored = engine.restore(&snapshot.entries);
             info!(path = %path.display(), restored, stored = snapshot.entries.len(), "cache restored from snapshot");
         }
-        Ok(Some(_)) => info!(path = %path.display(), "cache snapshot belongs to another data.json; ignored"),
+        Ok(Some(_)) => info!(path = %path.display(), "cache snapshot belongs to other data; ignored"),
         Err(error) => {
             let now = crate::clock::SystemClock.now_ms();
             // An unreadable file (permissions) may not be movable either: then it stays,

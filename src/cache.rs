@@ -32,6 +32,29 @@ pub struct Answer {
     pub json: Arc<[u8]>,
 }
 
+/// What becomes of a cached entry when the data it was computed from changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// Still exact for the new data.
+    Keep,
+    /// Exact with this answer instead (the old statistics merged with new records).
+    Replace(Answer),
+    /// No longer known to be exact: dropped, recomputed when next asked for.
+    Drop,
+}
+
+/// How many entries [`Cache::advance`] kept, replaced and dropped (expired ones and
+/// those of other data are not counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Advanced {
+    /// Kept as they were.
+    pub kept: usize,
+    /// Given a new answer.
+    pub replaced: usize,
+    /// Dropped.
+    pub dropped: usize,
+}
+
 /// One cached phone, as the snapshot stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CachedPhone {
@@ -104,7 +127,8 @@ impl Cache {
     }
 
     /// The statistics of `phone` if cached from data `epoch` and not expired at `now_ms`.
-    /// An expired or other-epoch entry is dropped on the way.
+    /// An expired entry, or one of older data, is dropped on the way; one of newer data
+    /// (asked for by a task that started before a data change) is left alone.
     pub fn get(&mut self, phone: u64, epoch: u64, now_ms: u64) -> Option<Answer> {
         let slot = *self.index.get(&phone)?;
         let entry = self.slots[slot].as_mut()?;
@@ -112,7 +136,9 @@ impl Cache {
             entry.referenced = true;
             return Some(entry.answer.clone());
         }
-        self.vacate(slot);
+        if entry.epoch < epoch || now_ms >= entry.expires_ms {
+            self.vacate(slot);
+        }
         None
     }
 
@@ -165,14 +191,21 @@ impl Cache {
     }
 
     /// The live entries of data `epoch` changed since the last call, each once; the
-    /// snapshot's increment. Costs what changed, not what is cached.
+    /// snapshot's increment. Costs what changed, not what is cached. Changed entries of
+    /// another epoch stay listed (the data moved on between the caller's look at it and
+    /// this call: the next call, for the new epoch, takes them).
     pub fn take_changes(&mut self, epoch: u64, now_ms: u64) -> Vec<CachedPhone> {
         let mut changes = Vec::with_capacity(self.changed.len());
+        let mut later = Vec::new();
         for slot in std::mem::take(&mut self.changed) {
             // A slot reused after an eviction is listed twice: taken once.
             if let Some(entry) = self.slots[slot].as_mut().filter(|e| e.unsaved) {
-                entry.unsaved = false;
-                if entry.epoch == epoch && now_ms < entry.expires_ms {
+                if now_ms >= entry.expires_ms {
+                    entry.unsaved = false;
+                } else if entry.epoch != epoch {
+                    later.push(slot);
+                } else {
+                    entry.unsaved = false;
                     changes.push(CachedPhone {
                         phone: entry.phone,
                         expires_ms: entry.expires_ms,
@@ -181,7 +214,58 @@ impl Cache {
                 }
             }
         }
+        later.dedup();
+        self.changed = later;
         changes
+    }
+
+    /// The live phones of data `epoch` (copied; for deciding what a data change does to
+    /// them outside the lock).
+    pub fn phones(&self, epoch: u64, now_ms: u64) -> Vec<u64> {
+        self.slots.iter().flatten().filter(|e| e.epoch == epoch && now_ms < e.expires_ms).map(|e| e.phone).collect()
+    }
+
+    /// Moves the live entries of data `from` to data `to`, each as `fate` decides, and
+    /// drops every other entry. Entries moved count as changed, since a snapshot of the
+    /// new data must hold them. Costs one call of `fate` per entry.
+    pub fn advance(
+        &mut self,
+        from: u64,
+        to: u64,
+        now_ms: u64,
+        mut fate: impl FnMut(u64, &CallStats) -> Fate,
+    ) -> Advanced {
+        let mut advanced = Advanced::default();
+        for slot in 0..self.slots.len() {
+            let decided = match &self.slots[slot] {
+                None => continue,
+                Some(e) if e.epoch != from || now_ms >= e.expires_ms => None,
+                Some(e) => Some(fate(e.phone, &e.answer.stats)),
+            };
+            let Some(entry) = self.slots[slot].as_mut() else { continue };
+            match decided {
+                None => {
+                    self.vacate(slot);
+                    continue;
+                }
+                Some(Fate::Drop) => {
+                    self.vacate(slot);
+                    advanced.dropped += 1;
+                    continue;
+                }
+                Some(Fate::Keep) => advanced.kept += 1,
+                Some(Fate::Replace(answer)) => {
+                    entry.answer = answer;
+                    advanced.replaced += 1;
+                }
+            }
+            entry.epoch = to;
+            if !entry.unsaved {
+                entry.unsaved = true;
+                self.changed.push(slot);
+            }
+        }
+        advanced
     }
 
     /// Every live entry of data `epoch` (for a full snapshot; tests).
@@ -276,6 +360,31 @@ mod tests {
         assert_eq!(cache.get(7, 1, 1_000 + 599_999), Some(answer(3)));
         assert_eq!(cache.get(7, 1, 1_000 + 600_000), None);
         assert!(cache.is_empty(), "the expired entry is dropped");
+    }
+
+    #[test]
+    fn advancing_keeps_replaces_or_drops_each_entry_and_lists_them_for_the_snapshot() {
+        let mut cache = cache(600, 10);
+        for phone in 1..=4 {
+            cache.insert(phone, answer(phone), 1, 0);
+        }
+        cache.insert(9, answer(9), 7, 0);
+        assert_eq!(cache.take_changes(1, 0).len(), 4, "the epoch-7 entry stays listed");
+        let advanced = cache.advance(1, 2, 10, |phone, stats| match phone {
+            1 => Fate::Keep,
+            2 => Fate::Replace(answer(stats.records + 100)),
+            _ => Fate::Drop,
+        });
+        assert_eq!(advanced, Advanced { kept: 1, replaced: 1, dropped: 2 });
+        assert_eq!((cache.get(1, 2, 10), cache.get(2, 2, 10)), (Some(answer(1)), Some(answer(102))));
+        assert_eq!((cache.get(3, 2, 10), cache.get(1, 1, 10)), (None, None), "a task of the old data misses");
+        assert_eq!(cache.len(), 2, "and leaves the new entry; 9, of other data, was dropped");
+        let mut saved: Vec<u64> = cache.take_changes(2, 10).iter().map(|c| c.phone).collect();
+        saved.sort();
+        assert_eq!(saved, [1, 2], "moved entries are saved again");
+        let mut phones = cache.phones(2, 10);
+        phones.sort();
+        assert_eq!(phones, [1, 2]);
     }
 
     #[test]

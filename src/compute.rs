@@ -5,7 +5,7 @@
 //! exactly (see `stats`). This module blocks the calling thread: the service calls it
 //! from the rayon pool, never from the async runtime.
 
-use crate::data::{Dataset, PhonePrefix, Span, StaleData};
+use crate::data::{PhonePrefix, Segments, Span, StaleData};
 use crate::stats::CallStats;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -20,48 +20,60 @@ const UNIT_BYTES: usize = 256 * 1024;
 /// this small.
 pub const INLINE_BYTES: usize = 32 * 1024;
 
-/// Bytes of records the statistics of `phones` read.
-pub fn bytes_to_read(dataset: &Dataset, phones: &[u64]) -> usize {
-    phones.iter().map(|&phone| dataset.index().spans(phone).iter().map(|span| span.len()).sum::<usize>()).sum()
+/// Bytes of records the statistics of `phones` read, over every segment.
+pub fn bytes_to_read(data: &Segments, phones: &[u64]) -> usize {
+    let mut bytes = 0;
+    for part in data.parts() {
+        for &phone in phones {
+            bytes += part.dataset().index().spans(phone).iter().map(|span| span.len()).sum::<usize>();
+        }
+    }
+    bytes
 }
 
-/// Statistics of each of `phones` (same order, same length). Phones without records get
-/// [`CallStats::EMPTY`]. Runs on `pool` and blocks until done.
+/// Statistics of each of `phones` (same order, same length) over every segment of
+/// `data`. Phones without records get [`CallStats::EMPTY`]. Runs on `pool` and blocks
+/// until done.
 ///
-/// The file is checked before and after it is read: if it was rewritten in place at any
-/// moment in between, the numbers may be torn, so none are returned (nothing computed
-/// from them is cached, snapshotted or answered; the task is retried on the new file).
-pub fn compute(dataset: &Dataset, phones: &[u64], pool: &rayon::ThreadPool) -> Result<Vec<CallStats>, StaleData> {
-    compute_checked(dataset, phones, pool, || {})
+/// The files are checked before and after they are read: if one was rewritten in place
+/// at any moment in between, the numbers may be torn, so none are returned (nothing
+/// computed from them is cached, snapshotted or answered; the task is retried on the new
+/// file).
+pub fn compute(data: &Segments, phones: &[u64], pool: &rayon::ThreadPool) -> Result<Vec<CallStats>, StaleData> {
+    compute_checked(data, phones, pool, || {})
 }
 
 /// [`compute`], with `meanwhile` run after the records are read and before the final
 /// check (tests change the file there).
 fn compute_checked(
-    dataset: &Dataset,
+    data: &Segments,
     phones: &[u64],
     pool: &rayon::ThreadPool,
     meanwhile: impl FnOnce(),
 ) -> Result<Vec<CallStats>, StaleData> {
-    if !dataset.still_intact() {
+    if !data.still_intact() {
         return Err(StaleData::Changed);
     }
-    let result = aggregate(dataset, phones, pool)?;
+    let result = aggregate(data, phones, pool)?;
     meanwhile();
-    if !dataset.still_intact() {
+    if !data.still_intact() {
         return Err(StaleData::Changed);
     }
     Ok(result)
 }
 
-fn aggregate(dataset: &Dataset, phones: &[u64], pool: &rayon::ThreadPool) -> Result<Vec<CallStats>, StaleData> {
+/// One unit of work: (index into `phones`, segment, range of that phone's spans in it).
+type Unit = (usize, usize, Range<usize>);
+
+fn aggregate(data: &Segments, phones: &[u64], pool: &rayon::ThreadPool) -> Result<Vec<CallStats>, StaleData> {
     let prefixes: Vec<PhonePrefix> = phones.iter().map(|&phone| PhonePrefix::new(phone)).collect();
-    let units = work_units(dataset, phones);
-    let unit = |&(slot, ref spans): &(usize, Range<usize>)| -> Result<(usize, CallStats), StaleData> {
+    let units = work_units(data, phones);
+    let unit = |&(slot, part, ref spans): &Unit| -> Result<(usize, CallStats), StaleData> {
         let phone = &prefixes[slot];
+        let dataset = data.parts()[part].dataset();
         Ok((slot, dataset.aggregate(&dataset.index().spans(phone.phone())[spans.clone()], phone)?))
     };
-    let partials: Vec<(usize, CallStats)> = if bytes_to_read(dataset, phones) <= INLINE_BYTES {
+    let partials: Vec<(usize, CallStats)> = if bytes_to_read(data, phones) <= INLINE_BYTES {
         units.iter().map(unit).collect::<Result<_, StaleData>>()?
     } else {
         pool.install(|| units.par_iter().map(unit).collect::<Result<_, StaleData>>())?
@@ -73,23 +85,25 @@ fn aggregate(dataset: &Dataset, phones: &[u64], pool: &rayon::ThreadPool) -> Res
     Ok(result)
 }
 
-/// (index into `phones`, range of that phone's spans) units of about `UNIT_BYTES`.
-fn work_units(dataset: &Dataset, phones: &[u64]) -> Vec<(usize, Range<usize>)> {
+/// Units of about `UNIT_BYTES` of records each.
+fn work_units(data: &Segments, phones: &[u64]) -> Vec<Unit> {
     let mut units = Vec::new();
-    for (slot, &phone) in phones.iter().enumerate() {
-        let spans: &[Span] = dataset.index().spans(phone);
-        let mut first = 0;
-        let mut bytes = 0;
-        for (i, span) in spans.iter().enumerate() {
-            bytes += span.len();
-            if bytes >= UNIT_BYTES {
-                units.push((slot, first..i + 1));
-                first = i + 1;
-                bytes = 0;
+    for (part, segment) in data.parts().iter().enumerate() {
+        for (slot, &phone) in phones.iter().enumerate() {
+            let spans: &[Span] = segment.dataset().index().spans(phone);
+            let mut first = 0;
+            let mut bytes = 0;
+            for (i, span) in spans.iter().enumerate() {
+                bytes += span.len();
+                if bytes >= UNIT_BYTES {
+                    units.push((slot, part, first..i + 1));
+                    first = i + 1;
+                    bytes = 0;
+                }
             }
-        }
-        if first < spans.len() {
-            units.push((slot, first..spans.len()));
+            if first < spans.len() {
+                units.push((slot, part, first..spans.len()));
+            }
         }
     }
     units
@@ -100,12 +114,12 @@ mod tests {
     use super::*;
     use std::io::{Seek, Write};
 
-    fn dataset(dir: &std::path::Path) -> (std::path::PathBuf, Dataset, rayon::ThreadPool) {
+    fn dataset(dir: &std::path::Path) -> (std::path::PathBuf, Segments, rayon::ThreadPool) {
         let path = dir.join("data.json");
         std::fs::write(&path, br#"[{"phone":3,"start_date":0,"end_date":10000}]"#).unwrap();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        let dataset = Dataset::open(&path, &pool).unwrap();
-        (path, dataset, pool)
+        let data = Segments::open(&path, &pool).unwrap();
+        (path, data, pool)
     }
 
     #[test]

@@ -60,6 +60,10 @@ pub struct Options {
     pub shuffle: bool,
     /// Durations are whole seconds uniform in `0..=max_duration_s`.
     pub max_duration_s: u64,
+    /// Calls of one UTC day (days since 1970-01-01), as a segment of a data directory
+    /// holds; `None`: the reference file's 30 days from 2023-05-13. The day is mixed into
+    /// the seed, so each day's calls differ while its phones are the same numbers.
+    pub day: Option<i64>,
 }
 
 impl Default for Options {
@@ -73,6 +77,7 @@ impl Default for Options {
             layout: Layout::Sorted,
             shuffle: false,
             max_duration_s: 120,
+            day: None,
         }
     }
 }
@@ -158,7 +163,53 @@ impl<W: Write> Write for Stoppable<'_, W> {
 const BLOCK: u64 = 1 << 15;
 /// Start dates fall in the 30 days from 2023-05-13 (as in the reference file).
 const FIRST_START_MS: i64 = 1_684_000_000_000;
-const START_WINDOW_MS: u64 = 30 * 24 * 3600 * 1000;
+const START_WINDOW_MS: u64 = 30 * DAY_MS as u64;
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+impl Options {
+    /// The first start date and the window start dates fall in.
+    fn start_dates(&self) -> (i64, u64) {
+        match self.day {
+            Some(day) => (day * DAY_MS, DAY_MS as u64),
+            None => (FIRST_START_MS, START_WINDOW_MS),
+        }
+    }
+
+    /// The seed the records are drawn with.
+    fn effective_seed(&self) -> u64 {
+        match self.day {
+            Some(day) => self.seed ^ (day as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            None => self.seed,
+        }
+    }
+}
+
+/// Days since 1970-01-01 of a `YYYY-MM-DD` date (proleptic Gregorian), or `None` if `text`
+/// is not one.
+pub fn parse_day(text: &str) -> Option<i64> {
+    let mut parts = text.splitn(3, '-');
+    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    if y.len() != 4
+        || m.len() != 2
+        || d.len() != 2
+        || !(y.bytes().chain(m.bytes()).chain(d.bytes()).all(|b| b.is_ascii_digit()))
+    {
+        return None;
+    }
+    let (y, m, d): (i64, i64, i64) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in_month = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&m) || d < 1 || d > days_in_month[(m - 1) as usize] {
+        return None;
+    }
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
+}
 
 /// SplitMix64: tiny, fast, and stable across crate versions (output must never change
 /// for a given seed, or fixtures and benchmark figures stop being comparable).
@@ -215,7 +266,7 @@ pub fn generate(options: &Options, out: &mut impl Write, progress: &dyn Fn(u64))
 fn shuffled_order(options: &Options) -> Vec<u32> {
     let phones = u32::try_from(options.phones).unwrap_or(u32::MAX);
     let mut order: Vec<u32> = (0..phones).flat_map(|p| std::iter::repeat_n(p, options.per_phone as usize)).collect();
-    let mut rng = SplitMix64(options.seed ^ 0x005E_ED0F_0DE5);
+    let mut rng = SplitMix64(options.effective_seed() ^ 0x005E_ED0F_0DE5);
     for i in (1..order.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;
         order.swap(i, j);
@@ -224,7 +275,8 @@ fn shuffled_order(options: &Options) -> Vec<u32> {
 }
 
 fn format_block(options: &Options, order: Option<&[u32]>, block: u64, total: u64) -> Vec<u8> {
-    let mut rng = SplitMix64(options.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ block);
+    let mut rng = SplitMix64(options.effective_seed().wrapping_mul(0x2545_F491_4F6C_DD1D) ^ block);
+    let (first_start, window) = options.start_dates();
     let first = block * BLOCK;
     let last = (first + BLOCK).min(total);
     let mut buf = Vec::with_capacity(((last - first) * 72) as usize);
@@ -236,7 +288,7 @@ fn format_block(options: &Options, order: Option<&[u32]>, block: u64, total: u64
             None => i / options.per_phone,
         };
         let phone = options.phone_base + phone_offset;
-        let start = FIRST_START_MS + rng.below(START_WINDOW_MS) as i64;
+        let start = first_start + rng.below(window) as i64;
         let end = start + rng.below(options.max_duration_s + 1) as i64 * 1000;
         if i > 0 {
             buf.extend_from_slice(if options.layout == Layout::Pretty { b",\n" } else { b"," });
@@ -348,5 +400,34 @@ mod tests {
                 (79_161_234_560..79_161_234_564).map(|p| (p, 50)).collect::<Vec<_>>()
             );
         }
+    }
+
+    #[test]
+    fn a_day_is_parsed_exactly_and_its_calls_start_within_it() {
+        assert_eq!(parse_day("1970-01-01"), Some(0));
+        assert_eq!(parse_day("2026-11-28"), Some(20_785));
+        assert_eq!(parse_day("2000-02-29"), Some(11_016));
+        for bad in ["2026-02-29", "2026-13-01", "2026-11-31", "26-11-28", "2026-1-28", "data", "2026-11-28x"] {
+            assert_eq!(parse_day(bad), None, "{bad}");
+        }
+        let day = parse_day("2026-11-28").unwrap();
+        let options = Options { phones: 3, per_phone: 50, day: Some(day), ..Options::default() };
+        let mut bytes = Vec::new();
+        generate(&options, &mut bytes, &|_| {}).unwrap();
+        let all = records(&bytes);
+        assert_eq!(all.len(), 150);
+        for r in &all {
+            let start = r["start_date"].as_i64().unwrap();
+            assert!((day * DAY_MS..(day + 1) * DAY_MS).contains(&start), "{start}");
+        }
+        let mut next_day = Vec::new();
+        generate(&Options { day: Some(day + 1), ..options }, &mut next_day, &|_| {}).unwrap();
+        let phones = |rs: &[serde_json::Value]| {
+            let mut p: Vec<u64> = rs.iter().map(|r| r["phone"].as_u64().unwrap()).collect();
+            p.dedup();
+            p
+        };
+        assert_eq!(phones(&all), phones(&records(&next_day)), "the same phones every day");
+        assert_ne!(bytes, next_day, "but other calls");
     }
 }

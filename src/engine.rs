@@ -1,15 +1,15 @@
 //! The statistics engine: per-phone statistics for a task from the cache, or computed on
 //! the worker pool, with concurrent misses of one phone computed once.
 //!
-//! It owns the data version being served (swapped whole on reload), the cache and the
-//! in-flight computations. It never blocks the async runtime: cache lookups take a short
+//! It owns the data version being served (a set of segments, swapped whole when it
+//! changes), the cache and the in-flight computations. It never blocks the async runtime: cache lookups take a short
 //! lock, and every computation but the smallest (see `compute::INLINE_BYTES`) runs on the
 //! pool and is awaited through a channel.
 
-use crate::cache::{Answer, Cache, CachedPhone};
+use crate::cache::{Advanced, Answer, Cache, CachedPhone, Fate};
 use crate::clock::Clock;
 use crate::compute;
-use crate::data::{Dataset, StaleData};
+use crate::data::{Segment, Segments, StaleData};
 use crate::metrics::{Metrics, Source};
 use crate::pool::{Abandoned, WorkerPool};
 use crate::snapshot::Delta;
@@ -21,13 +21,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// One version of data.json being served. The epoch tells cache entries and in-flight
+/// One version of the data being served. The epoch tells cache entries and in-flight
 /// computations of different versions apart.
 #[derive(Debug)]
 pub struct Loaded {
-    /// The mapped, indexed file.
-    pub dataset: Dataset,
-    /// Its version number (1 for the file read at startup, then one per reload).
+    /// The mapped, indexed segments.
+    pub data: Segments,
+    /// Its version number (1 for the data read at startup, then one per change).
     pub epoch: u64,
 }
 
@@ -88,7 +88,7 @@ pub struct Engine {
 /// How an [`Engine`] is put together. By default: no cache, the system clock, metrics of
 /// its own, and nobody told of cache changes.
 pub struct EngineBuilder {
-    dataset: Dataset,
+    data: Segments,
     pool: WorkerPool,
     cache: CacheSettings,
     clock: Arc<dyn Clock>,
@@ -124,10 +124,10 @@ impl EngineBuilder {
 
     /// The engine, serving the dataset it was built with.
     pub fn build(self) -> Engine {
-        record_data_metrics(&self.metrics, &self.dataset);
+        record_data_metrics(&self.metrics, &self.data);
         let cache = Cache::new(self.cache.ttl, self.cache.max_entries);
         let inner = Inner {
-            data: ArcSwap::from_pointee(Loaded { dataset: self.dataset, epoch: 1 }),
+            data: ArcSwap::from_pointee(Loaded { data: self.data, epoch: 1 }),
             state: Mutex::new(State { cache, flights: AHashMap::new() }),
             pool: self.pool,
             clock: self.clock,
@@ -141,10 +141,10 @@ impl EngineBuilder {
 }
 
 impl Engine {
-    /// An engine serving `dataset`, computing on `pool`; see [`EngineBuilder`].
-    pub fn builder(dataset: Dataset, pool: WorkerPool) -> EngineBuilder {
+    /// An engine serving `data`, computing on `pool`; see [`EngineBuilder`].
+    pub fn builder(data: Segments, pool: WorkerPool) -> EngineBuilder {
         EngineBuilder {
-            dataset,
+            data,
             pool,
             cache: CacheSettings { ttl: Duration::ZERO, max_entries: 1 },
             clock: Arc::new(crate::clock::SystemClock),
@@ -163,12 +163,13 @@ impl Engine {
         &self.inner.pool
     }
 
-    /// Serves `dataset` from now on. Tasks already running finish on the version they
-    /// started with; entries of older versions are dropped and never served again.
-    pub fn replace(&self, dataset: Dataset) -> u64 {
-        record_data_metrics(&self.inner.metrics, &dataset);
+    /// Serves `data` from now on, dropping the whole cache (a new data file). Tasks
+    /// already running finish on the version they started with; entries of older
+    /// versions are dropped and never served again.
+    pub fn replace(&self, data: Segments) -> u64 {
+        record_data_metrics(&self.inner.metrics, &data);
         let epoch = self.inner.data.load().epoch + 1;
-        self.inner.data.store(Arc::new(Loaded { dataset, epoch }));
+        self.inner.data.store(Arc::new(Loaded { data, epoch }));
         let now = self.inner.clock.now_ms();
         let mut state = self.inner.state.lock();
         state.cache.purge(epoch, now);
@@ -176,6 +177,63 @@ impl Engine {
         drop(state);
         (self.inner.cache_changed)();
         epoch
+    }
+
+    /// Serves the current segments without those named in `removed` and with `added`
+    /// (a name in both, or an added name already served, is a replacement), keeping the
+    /// cache: the statistics are exact partials that merge, so a cached phone the change
+    /// does not touch stays as it is, one with records in the added segments only gets
+    /// them merged in, and one with records in a segment that goes (removed or replaced)
+    /// is dropped and recomputed when next asked for.
+    ///
+    /// Blocks: it reads the added segments' records of the cached phones they touch, on
+    /// `pool` (the reload watcher's own), before the swap; the engine's lock is held only
+    /// to list the cached phones and, after the swap, to move the entries (one lookup per
+    /// entry in the changed segments' indexes). Tasks see the old set or the new one,
+    /// whole. Fails, changing nothing, if an added segment changed while it was read.
+    pub fn join(
+        &self,
+        added: Vec<Arc<Segment>>,
+        removed: &[String],
+        pool: &rayon::ThreadPool,
+    ) -> Result<Joined, StaleData> {
+        let old = self.current();
+        let next = old.data.changed(&added, removed);
+        let going: Vec<Arc<Segment>> = old
+            .data
+            .parts()
+            .iter()
+            .filter(|p| removed.iter().any(|r| r == p.name()) || added.iter().any(|a| a.name() == p.name()))
+            .cloned()
+            .collect();
+        let cached = self.inner.state.lock().cache.phones(old.epoch, self.inner.clock.now_ms());
+        let touched: Vec<u64> =
+            cached.into_iter().filter(|&phone| in_any(&added, phone) && !in_any(&going, phone)).collect();
+        let partials = compute::compute(&Segments::of(added.clone()), &touched, pool)?;
+        let partials: AHashMap<u64, CallStats> = touched.into_iter().zip(partials).collect();
+
+        record_data_metrics(&self.inner.metrics, &next);
+        let epoch = old.epoch + 1;
+        self.inner.data.store(Arc::new(Loaded { data: next, epoch }));
+        let now = self.inner.clock.now_ms();
+        let mut state = self.inner.state.lock();
+        let advanced = state.cache.advance(old.epoch, epoch, now, |phone, stats| {
+            if in_any(&going, phone) {
+                return Fate::Drop;
+            }
+            if !in_any(&added, phone) {
+                return Fate::Keep;
+            }
+            // Cached after the list above was taken: its new records were not read.
+            let Some(partial) = partials.get(&phone) else { return Fate::Drop };
+            let mut merged = *stats;
+            merged.merge(partial);
+            Fate::Replace(answer(phone, merged))
+        });
+        self.inner.metrics.cache_entries.set(state.cache.len() as i64);
+        drop(state);
+        (self.inner.cache_changed)();
+        Ok(Joined { epoch, cache: advanced })
     }
 
     /// Resolves when a computation finds the data file changed in place.
@@ -199,7 +257,7 @@ impl Engine {
                 if let Some(answer) = state.cache.get(phone, epoch, now) {
                     result[i] = Some(answer);
                     hits += 1;
-                } else if loaded.dataset.index().spans(phone).is_empty() {
+                } else if !loaded.data.has_records(phone) {
                     // Nothing to compute, and not cached: unknown phones cannot grow the cache.
                     result[i] = Some(answer(phone, CallStats::EMPTY));
                     empty += 1;
@@ -224,7 +282,7 @@ impl Engine {
         metrics.phones_from(Source::Shared, (waits.len() - owned.len()) as u64);
         if !owned.is_empty() {
             let phones: Vec<u64> = owned.iter().map(|(phone, _)| *phone).collect();
-            if compute::bytes_to_read(&loaded.dataset, &phones) <= compute::INLINE_BYTES {
+            if compute::bytes_to_read(&loaded.data, &phones) <= compute::INLINE_BYTES {
                 // A few records (a phone book's phones have a handful each): reading them
                 // here costs less than the hop to the pool and back (see `compute`).
                 self.inner.compute_flights(&loaded, owned);
@@ -262,7 +320,7 @@ impl Engine {
         let entries = state.cache.take_changes(loaded.epoch, now_ms);
         let capacity = self.inner.cache_capacity;
         drop(state);
-        Delta { identity: loaded.dataset.identity(), entries, now_ms, capacity }
+        Delta { identity: loaded.data.identity(), entries, now_ms, capacity }
     }
 
     /// Every live cache entry (tests and tools; copies the whole cache under the lock).
@@ -296,7 +354,7 @@ impl Inner {
         }
         let phones: Vec<u64> = owned.iter().map(|(phone, _)| *phone).collect();
         let mut land = Land { state: &self.state, epoch: loaded.epoch, phones };
-        let computed = compute::compute(&loaded.dataset, &land.phones, self.pool.threads());
+        let computed = compute::compute(&loaded.data, &land.phones, self.pool.threads());
         if computed.is_err() {
             self.stale.notify_one();
         }
@@ -326,6 +384,15 @@ impl Inner {
     }
 }
 
+/// What [`Engine::join`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Joined {
+    /// The new data version.
+    pub epoch: u64,
+    /// Cached phones kept as they were, updated with the new records, or dropped.
+    pub cache: Advanced,
+}
+
 /// How the engine caches: for how long, and how many phones at most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheSettings {
@@ -340,12 +407,18 @@ fn answer(phone: u64, stats: CallStats) -> Answer {
     Answer { json: crate::message::phone_json(phone, &stats), stats }
 }
 
-fn record_data_metrics(metrics: &Metrics, dataset: &Dataset) {
-    let summary = dataset.index().summary();
-    metrics.data_bytes.set(dataset.identity().len as i64);
+fn record_data_metrics(metrics: &Metrics, data: &Segments) {
+    let summary = data.summary();
+    metrics.data_bytes.set(data.identity().len as i64);
     metrics.data_records.set(summary.records as i64);
     metrics.data_phones.set(summary.phones as i64);
-    metrics.index_build_seconds.set(dataset.build_time().as_secs_f64());
+    metrics.data_segments.set(data.parts().len() as i64);
+    metrics.index_build_seconds.set(data.build_time().as_secs_f64());
+}
+
+/// Whether any of `parts` has records of `phone`.
+fn in_any(parts: &[Arc<Segment>], phone: u64) -> bool {
+    parts.iter().any(|part| !part.dataset().index().spans(phone).is_empty())
 }
 
 #[cfg(test)]
@@ -356,12 +429,12 @@ mod tests {
     use futures_util::FutureExt;
     use futures_util::future::join_all;
 
-    fn dataset(dir: &std::path::Path, pool: &rayon::ThreadPool) -> Dataset {
+    fn dataset(dir: &std::path::Path, pool: &rayon::ThreadPool) -> Segments {
         let path = dir.join("data.json");
         let mut bytes = Vec::new();
         datagen::generate(&Options { phones: 5, per_phone: 1_000, ..Options::default() }, &mut bytes, &|_| {}).unwrap();
         std::fs::write(&path, bytes).unwrap();
-        Dataset::open(&path, pool).unwrap()
+        Segments::open(&path, pool).unwrap()
     }
 
     /// A one-thread pool blocked until the returned sender is dropped or sent to.
@@ -395,7 +468,7 @@ mod tests {
         assert!((&mut all).now_or_never().is_none());
         release.send(()).unwrap();
         let results = all.await;
-        let expected = compute::compute(&engine.current().dataset, &[1, 2, 99], engine.pool().threads()).unwrap();
+        let expected = compute::compute(&engine.current().data, &[1, 2, 99], engine.pool().threads()).unwrap();
         for result in results {
             let stats: Vec<CallStats> = result.unwrap().into_iter().map(|a| a.stats).collect();
             assert_eq!(stats, expected);
@@ -431,7 +504,7 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let path = other.path().join("data.json");
         std::fs::write(&path, br#"[{"phone":1,"start_date":0,"end_date":1000}]"#).unwrap();
-        assert_eq!(engine.replace(Dataset::open(&path, pool.threads()).unwrap()), 2);
+        assert_eq!(engine.replace(Segments::open(&path, pool.threads()).unwrap()), 2);
         assert_eq!(engine.stats(&[1]).await.unwrap()[0].stats.records, 1);
         assert_eq!(metrics.phones_with(Source::Cache), 0, "the old entry was never served");
         assert_eq!(engine.cached().len(), 1);

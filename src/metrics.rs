@@ -139,6 +139,8 @@ pub struct Metrics {
     pub data_records: Gauge,
     /// `report_service_data_phones`.
     pub data_phones: Gauge,
+    /// `report_service_data_segments`.
+    pub data_segments: Gauge,
 }
 
 impl Default for Metrics {
@@ -171,6 +173,7 @@ impl Metrics {
             data_bytes: Gauge::default(),
             data_records: Gauge::default(),
             data_phones: Gauge::default(),
+            data_segments: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("tasks", "Tasks handled, by outcome", metrics.tasks.clone());
@@ -220,17 +223,18 @@ impl Metrics {
         );
         registry.register(
             "data_reloads",
-            "Replacements of data.json indexed and swapped in",
+            "Changes of the data (a new data.json, or segments added, replaced or removed) indexed and served",
             metrics.data_reloads.clone(),
         );
         registry.register(
             "data_reload_failures",
-            "Replacements of data.json that could not be indexed",
+            "New data files or segments that could not be indexed",
             metrics.data_reload_failures.clone(),
         );
-        registry.register("data_bytes", "Size of the data.json being served", metrics.data_bytes.clone());
-        registry.register("data_records", "Records in the data.json being served", metrics.data_records.clone());
-        registry.register("data_phones", "Distinct phones in the data.json being served", metrics.data_phones.clone());
+        registry.register("data_bytes", "Size of the data being served", metrics.data_bytes.clone());
+        registry.register("data_records", "Records in the data being served", metrics.data_records.clone());
+        registry.register("data_phones", "Distinct phones in the data being served", metrics.data_phones.clone());
+        registry.register("data_segments", "Files (segments) of the data being served", metrics.data_segments.clone());
         Metrics { registry, ..metrics }
     }
 

@@ -1,4 +1,5 @@
-//! datagen: writes a data.json of the reference shape (or a harder layout).
+//! datagen: writes a data.json of the reference shape (or a harder layout), or one day's
+//! calls as a segment of a data directory.
 
 use anyhow::Result;
 use clap::Parser;
@@ -28,6 +29,11 @@ struct Cli {
     /// Durations are whole seconds in 0..=MAX_DURATION.
     #[arg(long, default_value_t = 120)]
     max_duration: u64,
+    /// Calls of this UTC day only (YYYY-MM-DD), as a new segment of a data directory;
+    /// taken from the output's file name (`--out data/calls/2026-11-28.json`) when that
+    /// is a date. Each day's calls differ; the phones are the same numbers every day.
+    #[arg(long, value_parser = parse_day)]
+    day: Option<i64>,
     #[arg(long, default_value = "data/data.json")]
     out: PathBuf,
     /// Do nothing when the output file already exists.
@@ -50,6 +56,7 @@ fn main() -> Result<()> {
         layout: cli.layout,
         shuffle: cli.shuffle,
         max_duration_s: cli.max_duration,
+        day: cli.day.or_else(|| cli.out.file_stem().and_then(|stem| datagen::parse_day(&stem.to_string_lossy()))),
     };
     eprintln!("writing {} records to {}", options.records(), cli.out.display());
     let bar = ProgressBar::new(options.estimated_bytes());
@@ -58,6 +65,10 @@ fn main() -> Result<()> {
     bar.finish();
     eprintln!("wrote {} records, {written} bytes, to {}", options.records(), cli.out.display());
     Ok(())
+}
+
+fn parse_day(text: &str) -> Result<i64, String> {
+    datagen::parse_day(text).ok_or_else(|| "expected a date, YYYY-MM-DD".to_owned())
 }
 
 fn parse_layout(name: &str) -> Result<Layout, String> {

@@ -32,6 +32,21 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Rename a segment into the data directory and time the first report that includes it.
+    Freshness {
+        /// The new segment, already written, on the data directory's filesystem.
+        #[arg(long)]
+        segment: std::path::PathBuf,
+        /// The data directory (the service's DATA_PATH).
+        #[arg(long)]
+        into: std::path::PathBuf,
+        /// A phone the segment has records of.
+        #[arg(long)]
+        phone: u64,
+        /// Seconds to wait for a report that includes it.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Publish the starting service's ten sample tasks (each printed as a JSON line); reports go to REPORT_QUEUE.
     Seed,
     /// Keep C tasks in flight until N are answered; print throughput and latency.
@@ -173,6 +188,15 @@ async fn run(command: Command, config: Config) -> Result<()> {
                     summary.error_reports
                 );
             }
+            Ok(())
+        }
+        Command::Freshness { segment, into, phone, timeout } => {
+            let options = producer::FreshnessOptions { segment, into, phone, timeout: Duration::from_secs(timeout) };
+            let measured = producer::freshness(&client, &options).await?;
+            println!(
+                "first report including the segment {:.1} ms after the rename ({} tasks; phone {phone}: {} -> {} records)",
+                measured.millis, measured.tasks, measured.records_before, measured.records_after
+            );
             Ok(())
         }
         Command::Echo { prefetch, reply_bytes } => {

@@ -10,10 +10,12 @@ mod index;
 mod mmap;
 mod number;
 pub mod scan;
+pub mod segments;
 
-pub use identity::FileIdentity;
+pub use identity::{DataIdentity, FileIdentity};
 pub use index::{BuildShape, IndexSummary, MAX_FILE_LEN, MAX_RECORD_LEN, MAX_SPAN_LEN, PhoneIndex, Span};
 pub use scan::{Expected, Field, Found, Malformed, PhonePrefix};
+pub use segments::{Segment, Segments};
 
 use crate::stats::{CallStats, Tally};
 use mmap::Mapping;
@@ -51,6 +53,15 @@ pub enum DataError {
         len: usize,
         /// The limit.
         max: usize,
+    },
+    /// A segment of a data directory cannot be used.
+    #[error("in {path}: {source}")]
+    Segment {
+        /// The segment's file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<DataError>,
     },
     /// A file longer than an index offset can address.
     #[error("the file is {len} bytes; files over {max} bytes are not supported")]

@@ -185,9 +185,11 @@ pub fn is_error_report(body: &[u8]) -> bool {
 }
 
 mod echo;
+mod freshness;
 mod load;
 
 pub use echo::echo;
+pub use freshness::{Freshness, FreshnessError, FreshnessOptions, freshness};
 pub use load::{Latency, LoadOptions, LoadSummary, load};
 
 #[cfg(test)]

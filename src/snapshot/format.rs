@@ -1,8 +1,9 @@
 //! The snapshot's two file formats, pure bytes in and out (little-endian throughout).
 //!
 //! The base (`SNAPSHOT_PATH`): magic `RSCACHE\0`, format version (u32), generation
-//! (u64), the identity of the data.json the entries were computed from (device, inode,
-//! size: u64; mtime ns: i128), write time (u64 ms), entry count (u64), the entries
+//! (u64), the identity of the data the entries were computed from (the digest of every
+//! segment's name and file identity: u128; total size, segment count: u64), write time
+//! (u64 ms), entry count (u64), the entries
 //! ([`ENTRY_LEN`] bytes each), and a CRC-32 of everything before it.
 //!
 //! The journal (`SNAPSHOT_PATH.journal`): magic `RSJOURN\0`, format version (u32), the
@@ -11,14 +12,14 @@
 //! fails its check and ends the journal there.
 
 use crate::cache::CachedPhone;
-use crate::data::FileIdentity;
+use crate::data::DataIdentity;
 use crate::stats::CallStats;
 
 const BASE_MAGIC: [u8; 8] = *b"RSCACHE\0";
 const JOURNAL_MAGIC: [u8; 8] = *b"RSJOURN\0";
 /// Bumped whenever a layout changes; other versions are moved aside at startup.
-pub const FORMAT_VERSION: u32 = 2;
-pub(super) const BASE_HEADER_LEN: usize = 8 + 4 + 8 + 8 * 3 + 16 + 8 + 8;
+pub const FORMAT_VERSION: u32 = 3;
+pub(super) const BASE_HEADER_LEN: usize = 8 + 4 + 8 + 16 + 8 * 2 + 8 + 8;
 pub(super) const JOURNAL_HEADER_LEN: usize = 8 + 4 + 8;
 pub(super) const ENTRY_LEN: usize = 8 * 6 + 16 * 4;
 const CHECKSUM_LEN: usize = 4;
@@ -28,8 +29,8 @@ const CHECKSUM_LEN: usize = 4;
 pub struct Base {
     /// Which base this is; a journal extends only the base of its generation.
     pub generation: u64,
-    /// The data file the entries were computed from.
-    pub identity: FileIdentity,
+    /// The data the entries were computed from.
+    pub identity: DataIdentity,
     /// When it was written (milliseconds since the Unix epoch).
     pub written_ms: u64,
     /// The cached phones.
@@ -71,10 +72,9 @@ pub fn encode_base(base: &Base) -> Vec<u8> {
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&base.generation.to_le_bytes());
     let id = &base.identity;
-    for word in [id.device, id.inode, id.len] {
-        out.extend_from_slice(&word.to_le_bytes());
-    }
-    out.extend_from_slice(&id.modified_ns.to_le_bytes());
+    out.extend_from_slice(&id.digest.to_le_bytes());
+    out.extend_from_slice(&id.len.to_le_bytes());
+    out.extend_from_slice(&id.segments.to_le_bytes());
     out.extend_from_slice(&base.written_ms.to_le_bytes());
     out.extend_from_slice(&(base.entries.len() as u64).to_le_bytes());
     for entry in &base.entries {
@@ -89,7 +89,7 @@ pub fn encode_base(base: &Base) -> Vec<u8> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct BaseHeader {
     pub generation: u64,
-    pub identity: FileIdentity,
+    pub identity: DataIdentity,
     pub count: u64,
 }
 
@@ -99,8 +99,7 @@ pub(super) fn decode_base_header(bytes: &[u8]) -> Result<BaseHeader, SnapshotErr
         return Err(SnapshotError::Length { len: bytes.len(), expected: BASE_HEADER_LEN + CHECKSUM_LEN });
     }
     let generation = fields.u64();
-    let identity =
-        FileIdentity { device: fields.u64(), inode: fields.u64(), len: fields.u64(), modified_ns: fields.i128() };
+    let identity = DataIdentity { digest: fields.u128(), len: fields.u64(), segments: fields.u64() };
     let _written_ms = fields.u64();
     Ok(BaseHeader { generation, identity, count: fields.u64() })
 }
@@ -246,6 +245,9 @@ impl Fields<'_> {
     fn i128(&mut self) -> i128 {
         i128::from_le_bytes(self.take())
     }
+    fn u128(&mut self) -> u128 {
+        u128::from_le_bytes(self.take())
+    }
 }
 
 #[cfg(test)]
@@ -265,7 +267,7 @@ mod tests {
     fn base() -> Base {
         Base {
             generation: 9,
-            identity: FileIdentity { device: 1, inode: 2, len: 3, modified_ns: -4 },
+            identity: DataIdentity { digest: u128::MAX - 1, len: 3, segments: 4 },
             written_ms: 5,
             entries: entries(),
         }

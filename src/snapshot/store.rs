@@ -16,7 +16,7 @@ use super::format::{
 };
 use crate::atomic_file;
 use crate::cache::CachedPhone;
-use crate::data::FileIdentity;
+use crate::data::DataIdentity;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -27,8 +27,8 @@ const COMPACT_MIN_BYTES: u64 = 1 << 20;
 /// What one write of the snapshot saves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delta {
-    /// The data.json the entries were computed from.
-    pub identity: FileIdentity,
+    /// The data the entries were computed from.
+    pub identity: DataIdentity,
     /// The entries changed since the last write.
     pub entries: Vec<CachedPhone>,
     /// For dropping expired entries when compacting.
@@ -41,8 +41,8 @@ pub struct Delta {
 /// later entry of a phone replaces an earlier one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restored {
-    /// The data file the entries were computed from.
-    pub identity: FileIdentity,
+    /// The data the entries were computed from.
+    pub identity: DataIdentity,
     /// The cached phones.
     pub entries: Vec<CachedPhone>,
     /// The journal ended in a batch torn by a crash (dropped).
@@ -79,7 +79,7 @@ pub fn load(path: &Path) -> Result<Option<Restored>, SnapshotError> {
 #[derive(Debug)]
 struct Current {
     generation: u64,
-    identity: FileIdentity,
+    identity: DataIdentity,
     base_bytes: u64,
     journal: std::fs::File,
     journal_bytes: u64,
@@ -129,7 +129,7 @@ impl Store {
     }
 
     /// The files on disk if their base belongs to `identity`, else a new empty base.
-    fn resume_or_start(&self, identity: FileIdentity, now_ms: u64) -> std::io::Result<Current> {
+    fn resume_or_start(&self, identity: DataIdentity, now_ms: u64) -> std::io::Result<Current> {
         let header = read_prefix(&self.path, BASE_HEADER_LEN).ok().and_then(|b| decode_base_header(&b).ok());
         match header {
             Some(header) if header.identity == identity => {
@@ -214,14 +214,14 @@ mod tests {
     use super::*;
     use crate::stats::CallStats;
 
-    const DATA: FileIdentity = FileIdentity { device: 1, inode: 2, len: 3, modified_ns: 4 };
-    const OTHER: FileIdentity = FileIdentity { device: 1, inode: 9, len: 3, modified_ns: 4 };
+    const DATA: DataIdentity = DataIdentity { digest: 2, len: 3, segments: 1 };
+    const OTHER: DataIdentity = DataIdentity { digest: 9, len: 3, segments: 1 };
 
     fn entry(phone: u64, records: u64, expires_ms: u64) -> CachedPhone {
         CachedPhone { phone, expires_ms, stats: CallStats { records, ..CallStats::EMPTY } }
     }
 
-    fn delta(identity: FileIdentity, entries: Vec<CachedPhone>) -> Delta {
+    fn delta(identity: DataIdentity, entries: Vec<CachedPhone>) -> Delta {
         Delta { identity, entries, now_ms: 100, capacity: 1_000 }
     }
 

@@ -158,10 +158,10 @@ fn write_one(store: &mut Store, source: &Source, metrics: &Metrics) {
 mod tests {
     use super::*;
     use crate::cache::CachedPhone;
-    use crate::data::FileIdentity;
+    use crate::data::DataIdentity;
     use crate::stats::CallStats;
 
-    const DATA: FileIdentity = FileIdentity { device: 1, inode: 2, len: 3, modified_ns: -4 };
+    const DATA: DataIdentity = DataIdentity { digest: 2, len: 3, segments: 1 };
 
     fn delta(n: u64) -> Delta {
         let entry = CachedPhone { phone: n, expires_ms: u64::MAX, stats: CallStats::EMPTY };

@@ -5,7 +5,7 @@ use crate::support;
 
 use proptest::prelude::*;
 use report_service::compute::compute;
-use report_service::data::{BuildShape, Dataset};
+use report_service::data::{BuildShape, Dataset, Segments};
 use report_service::datagen::{self, Layout, Options};
 use report_service::message::dedup_phones;
 use support::{RefRecord, Style, pool, reference_parse, reference_stats, render, temp_file};
@@ -52,12 +52,14 @@ fn assert_agrees(
     let records = reference_parse(bytes).map_err(|e| TestCaseError::fail(format!("test data invalid: {e}")))?;
     let (_dir, path) = temp_file(bytes);
     let pool = pool(threads);
-    let dataset = Dataset::open_with(&path, &pool, shape(regions, bucket_bits))
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let dataset = Segments::single(
+        Dataset::open_with(&path, &pool, shape(regions, bucket_bits))
+            .map_err(|e| TestCaseError::fail(e.to_string()))?,
+    );
     let phones = dedup_phones(phones.iter().copied());
     let fast = compute(&dataset, &phones, &pool).map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(fast, reference_stats(&records, &phones));
-    let summary = dataset.index().summary();
+    let summary = dataset.summary();
     prop_assert_eq!(summary.records, records.len() as u64);
     prop_assert_eq!(summary.negative_durations, records.iter().filter(|r| r.end_date < r.start_date).count() as u64);
     Ok(())
@@ -107,7 +109,7 @@ proptest! {
         prop_assert_eq!(ours.is_ok(), reference.is_ok(), "ours: {:?}\nreference: {:?}\ndata: {}", ours.as_ref().err(), reference.as_ref().err(), String::from_utf8_lossy(&bytes));
         if let (Ok(dataset), Ok(records)) = (ours, reference) {
             let phones: Vec<u64> = dedup_phones(records.iter().map(|r| r.phone));
-            prop_assert_eq!(compute(&dataset, &phones, &pool).map_err(|e| TestCaseError::fail(e.to_string()))?, reference_stats(&records, &phones));
+            prop_assert_eq!(compute(&Segments::single(dataset), &phones, &pool).map_err(|e| TestCaseError::fail(e.to_string()))?, reference_stats(&records, &phones));
         }
     }
 

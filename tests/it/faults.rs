@@ -157,7 +157,7 @@ async fn broken_snapshots_never_stop_the_service() {
     let older_version = {
         let mut bytes = report_service::snapshot::encode_base(&report_service::snapshot::Base {
             generation: 1,
-            identity: report_service::data::FileIdentity { device: 0, inode: 0, len: 0, modified_ns: 0 },
+            identity: report_service::data::DataIdentity { digest: 0, len: 0, segments: 0 },
             written_ms: 0,
             entries: vec![],
         });

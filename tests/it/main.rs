@@ -13,6 +13,7 @@ mod malformed_data;
 mod producer;
 mod production;
 mod reload;
+mod segments;
 mod service;
 mod shutdown;
 mod support;

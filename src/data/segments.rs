@@ -1,0 +1,262 @@
+//! The data being served: one file, or every segment of a data directory.
+//!
+//! `DATA_PATH` names a file (one segment, as data.json always was) or a directory, in
+//! which every regular `*.json` file whose name does not start with `.` is a segment (a
+//! JSON array of records, the grammar of data.json); temporaries such as datagen's
+//! `.name.json.tmp-*` are not. A report covers all segments. Each segment is mapped and
+//! indexed on its own, so adding one indexes only it, and [`Segments`] is an immutable
+//! set: a change makes a new set sharing the unchanged segments, swapped in whole.
+
+use super::{DataError, Dataset, FileIdentity, IndexSummary};
+use crate::data::identity::DataIdentity;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One segment: a data file, mapped and indexed, and its name in the data directory
+/// (empty for a single data file).
+#[derive(Debug)]
+pub struct Segment {
+    name: String,
+    dataset: Dataset,
+}
+
+impl Segment {
+    /// Maps and indexes `dir/name` (or the file `dir` itself when `name` is empty).
+    pub fn open(dir: &Path, name: &str, pool: &rayon::ThreadPool) -> Result<Segment, DataError> {
+        let path = if name.is_empty() { dir.to_owned() } else { dir.join(name) };
+        let dataset = Dataset::open(&path, pool).map_err(|error| {
+            // A single file's errors name it already (or are about it alone).
+            if name.is_empty() { error } else { DataError::Segment { path, source: Box::new(error) } }
+        })?;
+        Ok(Segment { name: name.to_owned(), dataset })
+    }
+
+    /// A segment of `dataset`, named `name`.
+    pub fn new(name: &str, dataset: Dataset) -> Segment {
+        Segment { name: name.to_owned(), dataset }
+    }
+
+    /// Its file name in the data directory; empty for a single data file.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The mapped, indexed file.
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+}
+
+/// The segments being served, in name order, and their combined identity.
+#[derive(Debug, Clone)]
+pub struct Segments {
+    parts: Vec<Arc<Segment>>,
+    identity: DataIdentity,
+    summary: IndexSummary,
+}
+
+impl Segments {
+    /// Maps and indexes the data at `path`: a file, or every segment of a directory.
+    pub fn open(path: &Path, pool: &rayon::ThreadPool) -> Result<Segments, DataError> {
+        let open_error = |source| DataError::Open { path: path.to_owned(), source };
+        if !std::fs::metadata(path).map_err(open_error)?.is_dir() {
+            return Ok(Segments::of(vec![Arc::new(Segment::open(path, "", pool)?)]));
+        }
+        let mut parts = Vec::new();
+        for (name, _) in list(path).map_err(open_error)? {
+            parts.push(Arc::new(Segment::open(path, &name, pool)?));
+        }
+        Ok(Segments::of(parts))
+    }
+
+    /// The set of `parts` (sorted here by name).
+    pub fn of(mut parts: Vec<Arc<Segment>>) -> Segments {
+        parts.sort_by(|a, b| a.name.cmp(&b.name));
+        let identity = DataIdentity::of(parts.iter().map(|p| (p.name.as_str(), p.dataset.identity())));
+        let summary = summarise(&parts);
+        Segments { parts, identity, summary }
+    }
+
+    /// One data file, served alone.
+    pub fn single(dataset: Dataset) -> Segments {
+        Segments::of(vec![Arc::new(Segment::new("", dataset))])
+    }
+
+    /// This set without the segments named in `removed` and with `added` (a name in
+    /// both is a replacement).
+    pub fn changed(&self, added: &[Arc<Segment>], removed: &[String]) -> Segments {
+        let mut parts: Vec<Arc<Segment>> = self
+            .parts
+            .iter()
+            .filter(|p| !removed.contains(&p.name) && !added.iter().any(|a| a.name == p.name))
+            .cloned()
+            .collect();
+        parts.extend(added.iter().cloned());
+        Segments::of(parts)
+    }
+
+    /// The segments, in name order.
+    pub fn parts(&self) -> &[Arc<Segment>] {
+        &self.parts
+    }
+
+    /// The segment named `name`, if served.
+    pub fn get(&self, name: &str) -> Option<&Arc<Segment>> {
+        self.parts.iter().find(|p| p.name == name)
+    }
+
+    /// Which data this is (every segment's name and file identity).
+    pub fn identity(&self) -> DataIdentity {
+        self.identity
+    }
+
+    /// Whether any segment has records of `phone`.
+    pub fn has_records(&self, phone: u64) -> bool {
+        self.parts.iter().any(|p| !p.dataset.index().spans(phone).is_empty())
+    }
+
+    /// Records, spans and index memory summed over all segments; phones counted once
+    /// however many segments hold them.
+    pub fn summary(&self) -> IndexSummary {
+        self.summary
+    }
+
+    /// How long indexing the segments took, in all.
+    pub fn build_time(&self) -> Duration {
+        self.parts.iter().map(|p| p.dataset.build_time()).sum()
+    }
+
+    /// Whether every segment still has the size and modification time it was indexed
+    /// with (see [`Dataset::still_intact`]).
+    pub fn still_intact(&self) -> bool {
+        self.parts.iter().all(|p| p.dataset.still_intact())
+    }
+
+    /// Where the file of a single-file set lives, or the first segment's; for messages.
+    pub fn describe(&self) -> String {
+        match self.parts.as_slice() {
+            [only] if only.name.is_empty() => only.dataset.path().display().to_string(),
+            parts => format!("{} segments", parts.len()),
+        }
+    }
+}
+
+/// The segments' summaries added up, with distinct phones counted by merging their
+/// sorted phone lists.
+fn summarise(parts: &[Arc<Segment>]) -> IndexSummary {
+    let mut summary = IndexSummary::default();
+    for part in parts {
+        let one = part.dataset.index().summary();
+        summary.records += one.records;
+        summary.phones += one.phones;
+        summary.spans += one.spans;
+        summary.negative_durations += one.negative_durations;
+        summary.heap_bytes += one.heap_bytes;
+    }
+    if parts.len() > 1 {
+        let mut all: Vec<u64> = parts.iter().flat_map(|p| p.dataset.index().phones().iter().copied()).collect();
+        all.sort_unstable();
+        all.dedup();
+        summary.phones = all.len();
+    }
+    summary
+}
+
+/// The segments `dir` holds now: each regular `*.json` file whose name does not start
+/// with `.` (and is UTF-8), with its identity, in name order.
+pub fn list(dir: &Path) -> std::io::Result<Vec<(String, FileIdentity)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Ok(name) = entry.file_name().into_string() else { continue };
+        if name.starts_with('.') || !name.ends_with(".json") {
+            continue;
+        }
+        // Follows symlinks, as opening does; a file removed since the listing is skipped.
+        match std::fs::metadata(entry.path()) {
+            Ok(meta) if meta.is_file() => found.push((name, FileIdentity::of_metadata(&meta))),
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(found)
+}
+
+/// What `DATA_PATH` names now: `("", identity)` for a file, the segments for a directory.
+pub fn list_path(path: &Path) -> std::io::Result<Vec<(String, FileIdentity)>> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() { list(path) } else { Ok(vec![(String::new(), FileIdentity::of_metadata(&meta))]) }
+}
+
+/// The path of segment `name` of the data at `path`.
+pub fn segment_path(path: &Path, name: &str) -> PathBuf {
+    if name.is_empty() { path.to_owned() } else { path.join(name) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap()
+    }
+
+    #[test]
+    fn a_directory_serves_its_json_segments_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.json"), br#"[{"phone":1,"start_date":0,"end_date":1000}]"#).unwrap();
+        std::fs::write(
+            dir.path().join("a.json"),
+            br#"[{"phone":1,"start_date":0,"end_date":2000},
+            {"phone":2,"start_date":0,"end_date":2000}]"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(".c.json.tmp-x"), b"[").unwrap();
+        std::fs::write(dir.path().join(".hidden.json"), b"[").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"[").unwrap();
+        std::fs::create_dir(dir.path().join("sub.json")).unwrap();
+        let segments = Segments::open(dir.path(), &pool()).unwrap();
+        let names: Vec<&str> = segments.parts().iter().map(|p| p.name()).collect();
+        assert_eq!(names, ["a.json", "b.json"]);
+        assert_eq!((segments.summary().records, segments.summary().phones), (3, 2));
+        assert!(segments.has_records(2) && !segments.has_records(3));
+        assert_eq!(
+            segments.identity(),
+            DataIdentity::of(list(dir.path()).unwrap().iter().map(|(n, i)| (n.as_str(), *i)))
+        );
+    }
+
+    #[test]
+    fn a_malformed_segment_is_named_and_an_empty_directory_serves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Segments::open(dir.path(), &pool()).unwrap().parts().len(), 0);
+        std::fs::write(dir.path().join("bad.json"), b"[{\"phone\":1}]").unwrap();
+        let error = Segments::open(dir.path(), &pool()).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!("in {}: malformed data at byte", dir.path().join("bad.json").display())),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_change_keeps_the_unchanged_segments_and_replaces_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a.json", "b.json"] {
+            std::fs::write(dir.path().join(name), br#"[{"phone":1,"start_date":0,"end_date":1000}]"#).unwrap();
+        }
+        let segments = Segments::open(dir.path(), &pool()).unwrap();
+        std::fs::write(dir.path().join("c.json"), br#"[]"#).unwrap();
+        std::fs::write(dir.path().join("b.json"), br#"[{"phone":2,"start_date":0,"end_date":1000}]"#).unwrap();
+        let added: Vec<Arc<Segment>> =
+            ["b.json", "c.json"].iter().map(|n| Arc::new(Segment::open(dir.path(), n, &pool()).unwrap())).collect();
+        let next = segments.changed(&added, &["a.json".to_owned()]);
+        let names: Vec<&str> = next.parts().iter().map(|p| p.name()).collect();
+        assert_eq!(names, ["b.json", "c.json"]);
+        assert!(next.has_records(2) && !next.has_records(1));
+        assert_ne!(next.identity(), segments.identity());
+        assert!(Arc::ptr_eq(segments.get("a.json").unwrap(), &segments.parts()[0]));
+    }
+}
