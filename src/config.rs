@@ -56,7 +56,11 @@ pub const SETTINGS: [Setting; 24] = [
         default: Some("task_report.dlq"),
         help: "queue unusable messages are copied to",
     },
-    Setting { variable: "DATA_PATH", default: Some("data/data.json"), help: "the call records" },
+    Setting {
+        variable: "DATA_PATH",
+        default: Some("data/data.json"),
+        help: "the call records: a file, or a directory of *.json segments",
+    },
     Setting { variable: "CACHE_TTL_SECS", default: Some("600"), help: "cache TTL in seconds; 0 disables the cache" },
     Setting {
         variable: "CACHE_MAX_ENTRIES",
@@ -68,7 +72,7 @@ pub const SETTINGS: [Setting; 24] = [
     Setting {
         variable: "DATA_POLL_INTERVAL_MS",
         default: Some("2000"),
-        help: "how often data.json is checked for replacement",
+        help: "how often the data file or directory is checked for changes",
     },
     Setting { variable: "PREFETCH", default: Some("64"), help: "tasks in flight per instance (1..=65535)" },
     Setting { variable: "MAX_PHONES_PER_TASK", default: Some("10000"), help: "larger tasks get an error report" },

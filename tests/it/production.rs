@@ -52,7 +52,12 @@ async fn the_printed_minimum_permissions_are_enough_for_every_path() {
     client.send(&task(1, &[1, 2, 3])).await;
     let (report, _) = next_json(&mut reports).await;
     assert_eq!(report["data"], expected_data(&records, &[1, 2, 3]));
+    let mut dead = client.consume(&names.dlq).await;
+    let reason = |delivery: lapin::message::Delivery| header_text(&delivery.properties, "x-rejection-reason").unwrap();
     client.send("not json").await;
+    // Dead-lettered before the poison drops the connection, which would leave its
+    // settlement in doubt and, at least once, a second copy.
+    assert_eq!(reason(next(&mut dead).await), "not_json");
     let poison = RawProperties { message_id: Some(vec![0xff, 0xfe]), ..RawProperties::default() };
     publish_raw(&names.tasks, poison, task(2, &[1]).as_bytes()).await;
     client.send(&task(3, &[4])).await;
@@ -65,17 +70,16 @@ async fn the_printed_minimum_permissions_are_enough_for_every_path() {
     })
     .await
     .unwrap();
-    let mut dead = client.consume(&names.dlq).await;
     client.send(&task(4, &[1])).await;
     let mut reasons = Vec::new();
-    while reasons.len() < 3 {
-        reasons.push(header_text(&next(&mut dead).await.properties, "x-rejection-reason").unwrap());
+    while reasons.len() < 2 {
+        reasons.push(reason(next(&mut dead).await));
     }
     drop(full);
     let metrics = Arc::clone(service.metrics());
     service.stop().await.unwrap();
     reasons.sort();
-    assert_eq!(reasons, ["not_json", "retries_exhausted", "undecodable"]);
+    assert_eq!(reasons, ["retries_exhausted", "undecodable"]);
     assert_eq!(metrics.tasks_with(report_service::metrics::Outcome::Retried), 1);
     assert_eq!(metrics.undecodable.get(), 1);
 }
