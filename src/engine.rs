@@ -217,6 +217,7 @@ impl Engine {
         self.inner.data.store(Arc::new(Loaded { data: next, epoch }));
         let now = self.inner.clock.now_ms();
         let mut state = self.inner.state.lock();
+        let locked = std::time::Instant::now();
         let advanced = state.cache.advance(old.epoch, epoch, now, |phone, stats| {
             if in_any(&going, phone) {
                 return Fate::Drop;
@@ -231,9 +232,10 @@ impl Engine {
             Fate::Replace(answer(phone, merged))
         });
         self.inner.metrics.cache_entries.set(state.cache.len() as i64);
+        let cache_locked = locked.elapsed();
         drop(state);
         (self.inner.cache_changed)();
-        Ok(Joined { epoch, cache: advanced })
+        Ok(Joined { epoch, cache: advanced, cache_locked })
     }
 
     /// Resolves when a computation finds the data file changed in place.
@@ -391,6 +393,8 @@ pub struct Joined {
     pub epoch: u64,
     /// Cached phones kept as they were, updated with the new records, or dropped.
     pub cache: Advanced,
+    /// How long the cache was locked to move it (tasks' lookups waited that long).
+    pub cache_locked: Duration,
 }
 
 /// How the engine caches: for how long, and how many phones at most.

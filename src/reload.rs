@@ -255,6 +255,7 @@ pub async fn watch_data(
                     cache_kept = joined.cache.kept,
                     cache_updated = joined.cache.replaced,
                     cache_dropped = joined.cache.dropped,
+                    cache_locked_us = joined.cache_locked.as_micros() as u64,
                     "segments joined; reports include them from now on"
                 );
             }
