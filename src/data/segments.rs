@@ -132,14 +132,6 @@ impl Segments {
     pub fn still_intact(&self) -> bool {
         self.parts.iter().all(|p| p.dataset.still_intact())
     }
-
-    /// Where the file of a single-file set lives, or the first segment's; for messages.
-    pub fn describe(&self) -> String {
-        match self.parts.as_slice() {
-            [only] if only.name.is_empty() => only.dataset.path().display().to_string(),
-            parts => format!("{} segments", parts.len()),
-        }
-    }
 }
 
 /// The segments' summaries added up, with distinct phones counted by merging their
