@@ -198,12 +198,7 @@ async fn a_stuck_undecodable_message_is_visible_and_cleared_when_it_can_be_moved
     let (data, records) = data_file(dir.path(), 10, 100);
     let client = Client::new(&names).await;
     let mut reports = client.consume(&names.reports).await;
-    let full = tokio::task::spawn_blocking({
-        let dlq = names.dlq.clone();
-        move || Policy::on_queue(&dlq, r#"{"max-length":0,"overflow":"reject-publish"}"#)
-    })
-    .await
-    .unwrap();
+    let full = Policy::rejecting_publishes(&names.dlq).await;
     let mut worker = Worker::start(&names, &data, dir.path(), &[]);
     let http = worker.http_addr();
     worker.wait_for(READY);
@@ -365,12 +360,7 @@ async fn a_report_queue_that_rejects_publishes_exhausts_retries_without_a_hot_lo
     let mut dead = client.consume(&names.dlq).await;
     let vars = [("MAX_ATTEMPTS", "3"), ("RETRY_DELAY_MS", "50")];
     let service = start_service(&names, &data, dir.path(), &vars, Arc::new(SystemClock)).await;
-    let full = tokio::task::spawn_blocking({
-        let reports = names.reports.clone();
-        move || Policy::on_queue(&reports, r#"{"max-length":0,"overflow":"reject-publish"}"#)
-    })
-    .await
-    .unwrap();
+    let full = Policy::rejecting_publishes(&names.reports).await;
     client.send(&task(4, &[1])).await;
     let copy = amqp::next(&mut dead).await;
     assert_eq!(header_text(&copy.properties, "x-rejection-reason").as_deref(), Some("retries_exhausted"));

@@ -64,12 +64,7 @@ async fn the_printed_minimum_permissions_are_enough_for_every_path() {
     let (report, _) = next_json(&mut reports).await;
     assert_eq!((report["correlation_id"].as_u64(), &report["data"]), (Some(3), &expected_data(&records, &[4])));
 
-    let full = tokio::task::spawn_blocking({
-        let reports = names.reports.clone();
-        move || Policy::on_queue(&reports, r#"{"max-length":0,"overflow":"reject-publish"}"#)
-    })
-    .await
-    .unwrap();
+    let full = Policy::rejecting_publishes(&names.reports).await;
     client.send(&task(4, &[1])).await;
     let mut reasons = Vec::new();
     while reasons.len() < 2 {

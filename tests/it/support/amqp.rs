@@ -339,6 +339,15 @@ impl Policy {
         rabbitmqctl_ok(&["-q", "set_policy", "--apply-to", "queues", "--priority", "100", &name, &pattern, definition]);
         Policy(name)
     }
+
+    /// `queue` refuses every publish (`max-length` 0, `reject-publish`): the broker nacks
+    /// whatever is sent to it. Applied off the async runtime (`rabbitmqctl` blocks).
+    pub(crate) async fn rejecting_publishes(queue: &str) -> Policy {
+        let queue = queue.to_owned();
+        tokio::task::spawn_blocking(move || Policy::on_queue(&queue, r#"{"max-length":0,"overflow":"reject-publish"}"#))
+            .await
+            .expect("set the policy")
+    }
 }
 
 impl Drop for Policy {
