@@ -199,13 +199,7 @@ impl Engine {
     ) -> Result<Joined, StaleData> {
         let old = self.current();
         let next = old.data.changed(&added, removed);
-        let going: Vec<Arc<Segment>> = old
-            .data
-            .parts()
-            .iter()
-            .filter(|p| removed.iter().any(|r| r == p.name()) || added.iter().any(|a| a.name() == p.name()))
-            .cloned()
-            .collect();
+        let going = old.data.going(&added, removed);
         let cached = self.inner.state.lock().cache.phones(old.epoch, self.inner.clock.now_ms());
         let touched: Vec<u64> =
             cached.into_iter().filter(|&phone| in_any(&added, phone) && !in_any(&going, phone)).collect();

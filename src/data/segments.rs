@@ -24,7 +24,7 @@ pub struct Segment {
 impl Segment {
     /// Maps and indexes `dir/name` (or the file `dir` itself when `name` is empty).
     pub fn open(dir: &Path, name: &str, pool: &rayon::ThreadPool) -> Result<Segment, DataError> {
-        let path = if name.is_empty() { dir.to_owned() } else { dir.join(name) };
+        let path = segment_path(dir, name);
         let dataset = Dataset::open(&path, pool).map_err(|error| {
             // A single file's errors name it already (or are about it alone).
             if name.is_empty() { error } else { DataError::Segment { path, source: Box::new(error) } }
@@ -46,6 +46,11 @@ impl Segment {
     pub fn dataset(&self) -> &Dataset {
         &self.dataset
     }
+
+    /// Whether a change adding `added` and removing `removed` takes this segment out.
+    fn goes(&self, added: &[Arc<Segment>], removed: &[String]) -> bool {
+        removed.contains(&self.name) || added.iter().any(|a| a.name == self.name)
+    }
 }
 
 /// The segments being served, in name order, and their combined identity.
@@ -59,12 +64,9 @@ pub struct Segments {
 impl Segments {
     /// Maps and indexes the data at `path`: a file, or every segment of a directory.
     pub fn open(path: &Path, pool: &rayon::ThreadPool) -> Result<Segments, DataError> {
-        let open_error = |source| DataError::Open { path: path.to_owned(), source };
-        if !std::fs::metadata(path).map_err(open_error)?.is_dir() {
-            return Ok(Segments::of(vec![Arc::new(Segment::open(path, "", pool)?)]));
-        }
+        let listing = list_path(path).map_err(|source| DataError::Open { path: path.to_owned(), source })?;
         let mut parts = Vec::new();
-        for (name, _) in list(path).map_err(open_error)? {
+        for (name, _) in listing {
             parts.push(Arc::new(Segment::open(path, &name, pool)?));
         }
         Ok(Segments::of(parts))
@@ -86,14 +88,15 @@ impl Segments {
     /// This set without the segments named in `removed` and with `added` (a name in
     /// both is a replacement).
     pub fn changed(&self, added: &[Arc<Segment>], removed: &[String]) -> Segments {
-        let mut parts: Vec<Arc<Segment>> = self
-            .parts
-            .iter()
-            .filter(|p| !removed.contains(&p.name) && !added.iter().any(|a| a.name == p.name))
-            .cloned()
-            .collect();
+        let mut parts: Vec<Arc<Segment>> = self.parts.iter().filter(|p| !p.goes(added, removed)).cloned().collect();
         parts.extend(added.iter().cloned());
         Segments::of(parts)
+    }
+
+    /// The segments that [`Segments::changed`] with the same arguments leaves out:
+    /// removed, or replaced by an added one of the same name.
+    pub fn going(&self, added: &[Arc<Segment>], removed: &[String]) -> Vec<Arc<Segment>> {
+        self.parts.iter().filter(|p| p.goes(added, removed)).cloned().collect()
     }
 
     /// The segments, in name order.

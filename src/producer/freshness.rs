@@ -5,7 +5,7 @@
 //! after the rename; the first report whose record count for it differs from the count
 //! before marks the segment as served. The resolution is one task's round trip.
 
-use super::{Client, ClientError, task_body};
+use super::{Client, ClientError, reply_id, task_body};
 use futures_util::StreamExt;
 use sonic_rs::JsonValueTrait;
 use std::path::PathBuf;
@@ -77,14 +77,12 @@ pub async fn freshness(client: &Client, options: &FreshnessOptions) -> Result<Fr
                 .map_err(|_| ClientError::Timeout(options.timeout))?
                 .ok_or(ClientError::Timeout(options.timeout))?
                 .map_err(|source| ClientError::Amqp { operation: "consume", source })?;
-            let report: sonic_rs::Value = sonic_rs::from_slice(&delivery.data)
-                .map_err(|_| FreshnessError::Report(String::from_utf8_lossy(&delivery.data).into_owned()))?;
-            if report["correlation_id"].as_u64() != Some(id) {
+            if reply_id(&delivery) != Some(id) {
                 continue;
             }
-            return report["data"][0]["cnt_all_attempts"]
-                .as_u64()
-                .ok_or_else(|| FreshnessError::Report(String::from_utf8_lossy(&delivery.data).into_owned()));
+            let unusable = || FreshnessError::Report(String::from_utf8_lossy(&delivery.data).into_owned());
+            let report: sonic_rs::Value = sonic_rs::from_slice(&delivery.data).map_err(|_| unusable())?;
+            return report["data"][0]["cnt_all_attempts"].as_u64().ok_or_else(unusable);
         }
     };
     let records_before = ask().await?;
