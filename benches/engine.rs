@@ -14,13 +14,13 @@
 //!     BENCH_DATA=/data cargo bench --bench engine
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use report_service::compute::compute;
 use report_service::data::{Dataset, PhoneIndex, Segment, Segments};
-use report_service::datagen::{self, Layout, Options};
+use report_service::engine::compute::compute;
 use report_service::engine::{CacheSettings, Engine};
 use report_service::message::{CorrelationId, Limits, PhoneReport, Report, complete_report_json, parse_task};
-use report_service::metrics::{Metrics, Source};
-use report_service::pool::WorkerPool;
+use report_service::ops::metrics::{Metrics, Source};
+use report_service::platform::pool::WorkerPool;
+use report_tools::datagen::{self, Layout, Options};
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -7,7 +7,7 @@
 //! `Dataset::aggregate`'s count divided by 10^6 is instructions per record.
 
 use report_service::data::{Dataset, PhonePrefix};
-use report_service::datagen::{self, Options};
+use report_tools::datagen::{self, Options};
 
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -5,9 +5,9 @@
 //! Fills a cache of 100,000 entries with real report entries (11-digit phones, full
 //! statistics) through a counting allocator, and prints the heap it holds per entry.
 
-use report_service::cache::{Answer, Cache};
+use report_service::data::stats::CallStats;
+use report_service::engine::cache::{Answer, Cache};
 use report_service::message::phone_json;
-use report_service::stats::CallStats;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 

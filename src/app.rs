@@ -5,22 +5,22 @@
 //! watcher, then consume. Shutdown order: stop consuming and drain tasks, stop the
 //! watcher, flush the snapshot, stop HTTP.
 
-use crate::broker::Topology;
-use crate::clock::Clock;
 use crate::config::Config;
-use crate::consumer;
 use crate::data::Segments;
+use crate::delivery::consumer;
+use crate::delivery::pipeline::Pipeline;
+use crate::delivery::retry::RetryPolicy;
+use crate::delivery::sweeper::Sweeper;
+use crate::delivery::topology::{QueueNames, Topology};
+use crate::engine::reload::{self, Reloads};
+use crate::engine::snapshot::{self, DirtyMarker, SnapshotWriter};
 use crate::engine::{CacheSettings, Engine};
-use crate::health::Health;
 use crate::message::{CorrelationId, Limits, complete_report_json, dedup_phones};
-use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
-use crate::poison::Sweeper;
-use crate::pool::WorkerPool;
-use crate::reload::{self, Reloads};
-use crate::retry::RetryPolicy;
-use crate::shutdown::Shutdown;
-use crate::snapshot::{self, DirtyMarker, SnapshotWriter};
+use crate::ops::health::Health;
+use crate::ops::metrics::Metrics;
+use crate::platform::clock::Clock;
+use crate::platform::pool::WorkerPool;
+use crate::platform::shutdown::Shutdown;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -107,7 +107,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         .with_context(|| format!("cannot listen on HTTP_ADDR={}", config.http_addr))?;
     let http_addr = listener.local_addr()?;
     let http_stop = CancellationToken::new();
-    let http = tokio::spawn(crate::http::serve(listener, Arc::clone(&health), Arc::clone(&metrics), http_stop.clone()));
+    let http =
+        tokio::spawn(crate::ops::http::serve(listener, Arc::clone(&health), Arc::clone(&metrics), http_stop.clone()));
     info!(address = %http_addr, "serving /health and /metrics");
 
     let pool = WorkerPool::new("report-worker", config.worker_threads.get()).context("cannot start the worker pool")?;
@@ -124,7 +125,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         info!("cache disabled (CACHE_TTL_SECS=0): no snapshot is read or written");
         None
     } else {
-        let stale = crate::atomic_file::remove_stale_temporaries(&config.snapshot_path, STALE_TEMPORARY);
+        let stale = crate::platform::atomic_file::remove_stale_temporaries(&config.snapshot_path, STALE_TEMPORARY);
         if stale > 0 {
             info!(removed = stale, "removed snapshot temporaries left by an earlier crash");
         }
@@ -146,13 +147,14 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
 
     let shutdown = Arc::new(Shutdown::new(CancellationToken::new(), config.shutdown_timeout));
     let instance = instance_name();
-    let topology = Topology::from_config(&config, &instance);
+    let retry = RetryPolicy { max_attempts: config.max_attempts, first_delay: config.retry_delay };
+    let topology = topology(&config, &retry, &instance);
     let pipeline = Arc::new(Pipeline {
         engine: engine.clone(),
         pool,
         limits: Limits { max_task_bytes: config.max_task_bytes.get(), max_phones: config.max_phones_per_task.get() },
         metrics: Arc::clone(&metrics),
-        retry: RetryPolicy { max_attempts: config.max_attempts, first_delay: config.retry_delay },
+        retry,
         topology,
         instance,
     });
@@ -208,10 +210,27 @@ fn instance_name() -> String {
 /// The `rabbitmqctl` command granting `AMQP_URL`'s user on its vhost the least the
 /// service needs (`report-service permissions`).
 pub fn permissions_command(config: &Config) -> String {
-    let uri: Option<lapin::uri::AMQPUri> = config.amqp_url.expose().parse().ok();
-    let (vhost, user) =
-        uri.map_or(("/".to_owned(), "guest".to_owned()), |uri| (uri.vhost, uri.authority.userinfo.username));
-    Topology::from_config(config, "").permissions().command(&vhost, &user)
+    let uri = config.amqp_urls.first().uri();
+    let retry = RetryPolicy { max_attempts: config.max_attempts, first_delay: config.retry_delay };
+    topology(config, &retry, "").permissions().command(&uri.vhost, &uri.authority.userinfo.username)
+}
+
+/// The service's queues and brokers, from its settings.
+fn topology(config: &Config, retry: &RetryPolicy, instance: &str) -> Topology {
+    let names = QueueNames {
+        tasks: config.task_queue.clone(),
+        reports: config.report_queue.clone(),
+        dead_letters: config.dead_letter_queue.clone(),
+    };
+    Topology::new(
+        config.amqp_urls.clone(),
+        config.tls.clone(),
+        names,
+        config.queue_type,
+        retry,
+        config.prefetch.get(),
+        instance,
+    )
 }
 
 /// One report without a broker (`report-service report`): `data` indexed, `phones`
@@ -239,7 +258,7 @@ pub async fn load(path: &Path, pool: &WorkerPool) -> anyhow::Result<Segments> {
         .await
         .context("the index build was abandoned")?
         .with_context(|| format!("cannot use DATA_PATH={}", path.display()))?;
-    crate::heap::release_free_memory();
+    crate::platform::heap::release_free_memory();
     let summary = data.summary();
     info!(
         path = %path.display(),
@@ -279,7 +298,7 @@ fn restore(path: &Path, engine: &Engine) {
         }
         Ok(Some(_)) => info!(path = %path.display(), "cache snapshot belongs to other data; ignored"),
         Err(error) => {
-            let now = crate::clock::SystemClock.now_ms();
+            let now = crate::platform::clock::SystemClock.now_ms();
             // An unreadable file (permissions) may not be movable either: then it stays,
             // and is overwritten by the next snapshot write.
             let aside = snapshot::quarantine(path, now).ok();

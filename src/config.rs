@@ -5,9 +5,9 @@
 //! build configs without touching the process environment. A bad value is reported
 //! with the variable's name; nothing here connects, opens or binds anything.
 
-use crate::tls::TlsSettings;
+use crate::broker::{AmqpAddresses, TlsSettings, redact};
+use crate::delivery::topology::QueueType;
 use std::collections::HashMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
@@ -26,8 +26,12 @@ pub struct Setting {
 
 /// Every setting, in README order. Defaults are stated here and nowhere else in code;
 /// each number's accepted range is in [`Config::from_vars`] and the README.
-pub const SETTINGS: [Setting; 24] = [
-    Setting { variable: "AMQP_URL", default: Some("amqp://guest:guest@127.0.0.1:5672/%2f"), help: "broker URL" },
+pub const SETTINGS: [Setting; 25] = [
+    Setting {
+        variable: "AMQP_URL",
+        default: Some("amqp://guest:guest@127.0.0.1:5672/%2f"),
+        help: "broker URL, or a cluster's node URLs separated by commas",
+    },
     Setting {
         variable: "AMQP_URL_FILE",
         default: None,
@@ -49,6 +53,11 @@ pub const SETTINGS: [Setting; 24] = [
         help: "PEM client certificate chain for amqps:// (mutual TLS)",
     },
     Setting { variable: "AMQP_CLIENT_KEY_FILE", default: None, help: "PEM private key of AMQP_CLIENT_CERT_FILE" },
+    Setting {
+        variable: "QUEUE_TYPE",
+        default: Some("classic"),
+        help: "how the service declares its queues: classic (the vhost's default type) or quorum",
+    },
     Setting { variable: "TASK_QUEUE", default: Some("task_report"), help: "queue tasks are consumed from" },
     Setting { variable: "REPORT_QUEUE", default: Some("ready_report"), help: "queue reports go to without reply_to" },
     Setting {
@@ -105,64 +114,16 @@ pub struct ConfigError {
     pub expected: String,
 }
 
-/// A broker URL; its `Debug` and `Display` hide the password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AmqpUrl(String);
-
-impl AmqpUrl {
-    /// Whether it is `amqps://`.
-    pub fn is_tls(&self) -> bool {
-        self.0.starts_with("amqps://")
-    }
-
-    /// The full URL, password included: for connecting only, never for logs.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for AmqpUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact(&self.0))
-    }
-}
-
-impl fmt::Debug for AmqpUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AmqpUrl({})", redact(&self.0))
-    }
-}
-
-/// `amqp://user:secret@host/` -> `amqp://user:***@host/`, by a URL parser, so a
-/// password holding `@`, `/` or `:` (encoded or not) never shows. Text that does not
-/// parse as a URL keeps only its scheme and what follows the last `@`.
-pub fn redact(url: &str) -> String {
-    if let Ok(mut parsed) = url::Url::parse(url) {
-        if parsed.password().is_none() {
-            return parsed.to_string();
-        }
-        if parsed.set_password(Some("***")).is_ok() {
-            return parsed.to_string();
-        }
-    }
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://***@{host}"),
-            None if rest.contains(':') => format!("{scheme}://***"),
-            None => url.to_owned(),
-        },
-        None => "***".to_owned(),
-    }
-}
-
 /// The service's settings. See [`SETTINGS`] for defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// `AMQP_URL`, or the contents of `AMQP_URL_FILE`; its password replaced by the
-    /// contents of `AMQP_PASSWORD_FILE` if set.
-    pub amqp_url: AmqpUrl,
+    /// `AMQP_URL`, or the contents of `AMQP_URL_FILE`: one broker or a cluster's nodes;
+    /// every password replaced by the contents of `AMQP_PASSWORD_FILE` if set.
+    pub amqp_urls: AmqpAddresses,
     /// `AMQP_CA_FILE`, `AMQP_CLIENT_CERT_FILE`, `AMQP_CLIENT_KEY_FILE`, read and checked.
     pub tls: TlsSettings,
+    /// `QUEUE_TYPE`.
+    pub queue_type: QueueType,
     /// `TASK_QUEUE`.
     pub task_queue: String,
     /// `REPORT_QUEUE`.
@@ -209,12 +170,17 @@ impl Config {
             let default = SETTINGS.iter().find(|s| s.variable == variable).and_then(|s| s.default);
             Value { variable, raw: vars.get(variable).map(String::as_str).or(default) }
         };
-        let amqp_url = broker_url(vars, &get)?;
-        let tls = tls_settings(&amqp_url, &get)?;
+        let amqp_urls = broker_urls(vars, &get)?;
+        let tls = tls_settings(&amqp_urls, &get)?;
         Ok(Config {
-            amqp_url,
+            amqp_urls,
             tls,
-            task_queue: get("TASK_QUEUE").queue(255 - crate::retry::QUEUE_SUFFIX_MAX_LEN)?,
+            queue_type: match get("QUEUE_TYPE").raw.map(str::trim) {
+                Some("classic") => QueueType::Classic,
+                Some("quorum") => QueueType::Quorum,
+                _ => return Err(get("QUEUE_TYPE").error("classic or quorum")),
+            },
+            task_queue: get("TASK_QUEUE").queue(255 - crate::delivery::retry::QUEUE_SUFFIX_MAX_LEN)?,
             report_queue: get("REPORT_QUEUE").queue(255)?,
             dead_letter_queue: get("DEAD_LETTER_QUEUE").queue(255)?,
             data_path: get("DATA_PATH").path()?,
@@ -272,20 +238,20 @@ pub fn flags(offered: impl Fn(&Setting) -> bool) -> impl Iterator<Item = clap::A
     })
 }
 
-/// The broker URL: `AMQP_URL` or the contents of `AMQP_URL_FILE` (not both), with the
-/// password from `AMQP_PASSWORD_FILE` if set.
-fn broker_url<'a>(
+/// The broker URLs: `AMQP_URL` or the contents of `AMQP_URL_FILE` (not both), one URL or
+/// several separated by commas, with the password from `AMQP_PASSWORD_FILE` if set.
+fn broker_urls<'a>(
     vars: &HashMap<String, String>,
     get: &impl Fn(&'static str) -> Value<'a>,
-) -> Result<AmqpUrl, ConfigError> {
+) -> Result<AmqpAddresses, ConfigError> {
     let url_file = get("AMQP_URL_FILE");
     let url = match url_file.raw {
         Some(_) if vars.contains_key("AMQP_URL") => return Err(url_file.error("AMQP_URL_FILE or AMQP_URL, not both")),
         Some(_) => {
             let text = url_file.read_file()?;
-            Value { variable: "AMQP_URL_FILE", raw: Some(text.trim()) }.amqp_url()?
+            Value { variable: "AMQP_URL_FILE", raw: Some(text.trim()) }.amqp_urls()?
         }
-        None => get("AMQP_URL").amqp_url()?,
+        None => get("AMQP_URL").amqp_urls()?,
     };
     let password_file = get("AMQP_PASSWORD_FILE");
     if password_file.raw.is_none() {
@@ -294,16 +260,12 @@ fn broker_url<'a>(
     let text = password_file.read_file()?;
     // `echo secret > file` leaves a newline that is not part of the password.
     let password = text.strip_suffix('\n').map_or(text.as_str(), |p| p.strip_suffix('\r').unwrap_or(p));
-    let mut parsed = url::Url::parse(url.expose()).map_err(|_| password_file.error("an AMQP_URL it can go into"))?;
-    if password.is_empty() || parsed.username().is_empty() || parsed.set_password(Some(password)).is_err() {
-        return Err(password_file.error("a non-empty password, and a user name in the URL"));
-    }
-    Ok(AmqpUrl(parsed.to_string()))
+    url.with_password(password).map_err(|e| password_file.error(e.to_string()))
 }
 
 /// The TLS files, only with an `amqps://` URL (a CA file beside a plain URL would
 /// otherwise leave the operator believing the connection is encrypted).
-fn tls_settings<'a>(url: &AmqpUrl, get: &impl Fn(&'static str) -> Value<'a>) -> Result<TlsSettings, ConfigError> {
+fn tls_settings<'a>(url: &AmqpAddresses, get: &impl Fn(&'static str) -> Value<'a>) -> Result<TlsSettings, ConfigError> {
     let (ca, cert, key) = (get("AMQP_CA_FILE"), get("AMQP_CLIENT_CERT_FILE"), get("AMQP_CLIENT_KEY_FILE"));
     let mut settings = TlsSettings::system_only();
     for file in [&ca, &cert, &key] {
@@ -391,22 +353,8 @@ impl Value<'_> {
         }
     }
 
-    fn amqp_url(&self) -> Result<AmqpUrl, ConfigError> {
-        let raw = self.raw.unwrap_or("");
-        if raw.starts_with("amqps://") && !crate::tls::AVAILABLE {
-            return Err(
-                self.error("an amqp:// URL (this build has no TLS support: it was built without the `tls` feature)")
-            );
-        }
-        match raw.parse::<lapin::uri::AMQPUri>() {
-            // The threads' stacks are sized for headers of at most one 128 KiB frame
-            // (see `stack`); a larger or unlimited (0) frame_max would undo that.
-            Ok(uri) if uri.query.frame_max.is_some_and(|f| f == 0 || f > crate::broker::FRAME_MAX) => {
-                Err(self.error("a frame_max of at most 131072 (the default) in the URL"))
-            }
-            Ok(_) if raw.starts_with("amqp://") || raw.starts_with("amqps://") => Ok(AmqpUrl(raw.to_owned())),
-            _ => Err(self.error("an amqp:// or amqps:// URL such as amqp://user:password@host:5672/%2f")),
-        }
+    fn amqp_urls(&self) -> Result<AmqpAddresses, ConfigError> {
+        AmqpAddresses::parse(self.raw.unwrap_or("")).map_err(|e| self.error(e.to_string()))
     }
 }
 
@@ -421,7 +369,7 @@ mod tests {
     #[test]
     fn defaults_are_the_documented_ones() {
         let c = config(&[]).expect("defaults are valid");
-        assert_eq!(c.amqp_url.expose(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(c.amqp_urls.first().expose(), "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(
             (c.task_queue.as_str(), c.report_queue.as_str(), c.dead_letter_queue.as_str()),
             ("task_report", "ready_report", "task_report.dlq")
@@ -475,7 +423,7 @@ mod tests {
     fn the_url_can_come_from_a_file_but_not_from_both() {
         let (_dir, path) = file("amqp://svc:s3cret@rabbit:5672/%2f\n");
         let c = config(&[("AMQP_URL_FILE", &path)]).unwrap();
-        assert_eq!(c.amqp_url.expose(), "amqp://svc:s3cret@rabbit:5672/%2f");
+        assert_eq!(c.amqp_urls.first().expose(), "amqp://svc:s3cret@rabbit:5672/%2f");
         let err = config(&[("AMQP_URL_FILE", &path), ("AMQP_URL", "amqp://rabbit")]).unwrap_err();
         assert_eq!(err.variable, "AMQP_URL_FILE");
         let err = config(&[("AMQP_URL_FILE", "/nonexistent/url")]).unwrap_err();
@@ -490,10 +438,10 @@ mod tests {
     fn a_password_file_replaces_the_urls_password_encoded_and_never_shows() {
         let (_dir, path) = file("p@ss:w/rd\n");
         let c = config(&[("AMQP_URL", "amqp://svc@rabbit:5672/%2f"), ("AMQP_PASSWORD_FILE", &path)]).unwrap();
-        assert_eq!(c.amqp_url.expose(), "amqp://svc:p%40ss%3Aw%2Frd@rabbit:5672/%2f");
-        let uri: lapin::uri::AMQPUri = c.amqp_url.expose().parse().unwrap();
+        assert_eq!(c.amqp_urls.first().expose(), "amqp://svc:p%40ss%3Aw%2Frd@rabbit:5672/%2f");
+        let uri: lapin::uri::AMQPUri = c.amqp_urls.first().expose().parse().unwrap();
         assert_eq!(uri.authority.userinfo.password, "p@ss:w/rd", "lapin decodes it back");
-        assert!(!format!("{c:?}").contains("p@ss") && !c.amqp_url.to_string().contains("ss"));
+        assert!(!format!("{c:?}").contains("p@ss") && !c.amqp_urls.to_string().contains("ss"));
         let err = config(&[("AMQP_URL", "amqp://rabbit/%2f"), ("AMQP_PASSWORD_FILE", &path)]).unwrap_err();
         assert_eq!(err.variable, "AMQP_PASSWORD_FILE");
         assert!(!err.to_string().contains("p@ss"), "{err}");
@@ -510,9 +458,9 @@ mod tests {
             assert_eq!(err.variable, variable);
             assert!(err.to_string().contains("AMQP_URL is not amqps://"), "{err}");
         }
-        if crate::tls::AVAILABLE {
+        if crate::broker::tls::AVAILABLE {
             let tls = ("AMQP_URL", "amqps://svc:pw@rabbit:5671/%2f");
-            assert!(config(&[tls]).unwrap().amqp_url.is_tls());
+            assert!(config(&[tls]).unwrap().amqp_urls.is_tls());
             assert_eq!(config(&[tls, ("AMQP_CLIENT_CERT_FILE", &path)]).unwrap_err().variable, "AMQP_CLIENT_KEY_FILE");
             assert_eq!(config(&[tls, ("AMQP_CLIENT_KEY_FILE", &path)]).unwrap_err().variable, "AMQP_CLIENT_CERT_FILE");
             let err = config(&[tls, ("AMQP_CA_FILE", &path)]).unwrap_err();
@@ -532,7 +480,7 @@ mod tests {
     #[test]
     fn passwords_never_appear_in_debug_display_or_errors() {
         let c = config(&[("AMQP_URL", "amqp://svc:s3cret@rabbit:5672/%2f")]).unwrap();
-        assert_eq!(c.amqp_url.to_string(), "amqp://svc:***@rabbit:5672/%2f");
+        assert_eq!(c.amqp_urls.to_string(), "amqp://svc:***@rabbit:5672/%2f");
         assert!(!format!("{c:?}").contains("s3cret"));
         let err = config(&[("AMQP_URL", "amqps://svc:s3cret@rabbit/%2f?frame_max=0")]).unwrap_err();
         assert!(!err.to_string().contains("s3cret"), "{err}");
@@ -557,7 +505,7 @@ mod tests {
             let shown = redact(url);
             assert!(!shown.contains(secret), "{url} -> {shown}");
             let shown = match config(&[("AMQP_URL", url)]) {
-                Ok(c) => format!("{} {c:?}", c.amqp_url),
+                Ok(c) => format!("{} {c:?}", c.amqp_urls),
                 Err(e) => e.to_string(),
             };
             assert!(!shown.contains(secret), "{url} -> {shown}");
@@ -589,7 +537,7 @@ mod tests {
         let c =
             config(&[("SNAPSHOT_INTERVAL_MS", "3600000"), ("MAX_ATTEMPTS", "1"), ("RETRY_DELAY_MS", "10")]).unwrap();
         assert_eq!((c.snapshot_interval, c.max_attempts.get()), (Duration::from_secs(3600), 1));
-        let too_long = "q".repeat(255 - crate::retry::QUEUE_SUFFIX_MAX_LEN + 1);
+        let too_long = "q".repeat(255 - crate::delivery::retry::QUEUE_SUFFIX_MAX_LEN + 1);
         assert_eq!(config(&[("TASK_QUEUE", too_long.as_str())]).unwrap_err().variable, "TASK_QUEUE");
     }
 }

@@ -3,11 +3,13 @@
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use report_service::clock::SystemClock;
+use report_service::app;
 use report_service::config::{self, Config};
 use report_service::message::CorrelationId;
-use report_service::telemetry::{self, LogTarget};
-use report_service::{app, http, shutdown, stack};
+use report_service::ops::http;
+use report_service::ops::telemetry::{self, LogTarget};
+use report_service::platform::clock::SystemClock;
+use report_service::platform::{shutdown, stack};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

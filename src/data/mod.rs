@@ -11,14 +11,17 @@ mod mmap;
 mod number;
 pub mod scan;
 pub mod segments;
+pub mod stats;
+#[cfg(test)]
+pub(crate) mod testdata;
 
 pub use identity::{DataIdentity, FileIdentity};
 pub use index::{BuildShape, IndexSummary, MAX_FILE_LEN, MAX_RECORD_LEN, MAX_SPAN_LEN, PhoneIndex, Span};
 pub use scan::{Expected, Field, Found, Malformed, PhonePrefix};
 pub use segments::{Segment, Segments};
 
-use crate::stats::{CallStats, Tally};
 use mmap::Mapping;
+pub use stats::{CallStats, Tally};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -297,9 +300,7 @@ mod tests {
     fn the_cpu_specific_and_the_baseline_loops_agree() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data.json");
-        let mut bytes = Vec::new();
-        let options = crate::datagen::Options { phones: 7, per_phone: 3_000, shuffle: true, ..Default::default() };
-        crate::datagen::generate(&options, &mut bytes, &|_| {}).unwrap();
+        let mut bytes = testdata::records(7, 3_000, true);
         bytes.truncate(bytes.iter().rposition(|&b| b == b']').unwrap());
         bytes.extend_from_slice(br#", { "end_date": 30001, "x": [1, {"y": "}"}], "phone": 3, "start_date": 0 }]"#);
         std::fs::write(&path, &bytes).unwrap();

@@ -1,7 +1,7 @@
 //! Report messages: the exact JSON clients expect (README, "Message contract").
 
 use super::{CorrelationId, InvalidPhones};
-use crate::stats::CallStats;
+use crate::data::stats::CallStats;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -162,7 +162,8 @@ pub fn parse_task(body: &[u8], property_id: Option<&str>, limits: Limits) -> Res
     if nesting_exceeds(body, MAX_TASK_DEPTH) {
         return Err(Rejection::TooDeep { limit: MAX_TASK_DEPTH });
     }
-    let doc: Value = sonic_rs::from_slice(body).map_err(|e| Rejection::NotJson { detail: bounded(e.to_string()) })?;
+    let doc: Value =
+        sonic_rs::from_slice(body).map_err(|e| Rejection::NotJson { detail: clip_detail(e.to_string()) })?;
     let correlation_id = body_correlation_id(body, &doc)
         .or_else(|| {
             property_id
@@ -207,7 +208,7 @@ pub fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
 }
 
 /// `text` cut to at most [`MAX_DETAIL_BYTES`] (at a character boundary), marked when cut.
-pub fn bounded(mut text: String) -> String {
+pub fn clip_detail(mut text: String) -> String {
     if text.len() > MAX_DETAIL_BYTES {
         let cut = (0..=MAX_DETAIL_BYTES - 3).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
         text.truncate(cut);

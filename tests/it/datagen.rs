@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 fn a_sigterm_mid_generation_stops_it_and_leaves_no_partial_file() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("data.json");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_datagen"))
+    let mut child = Command::new(crate::support::tool("datagen"))
         .args(["--phones", "200", "--per-phone", "100000", "--out"])
         .arg(&out)
         .stderr(Stdio::piped())
@@ -38,7 +38,7 @@ fn a_complete_run_replaces_the_file_readable_by_everyone() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("data.json");
     std::fs::write(&out, b"old").unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_datagen"))
+    let status = Command::new(crate::support::tool("datagen"))
         .args(["--phones", "3", "--per-phone", "10", "--out"])
         .arg(&out)
         .stderr(Stdio::null())

@@ -4,10 +4,10 @@
 use crate::support;
 
 use proptest::prelude::*;
-use report_service::compute::compute;
 use report_service::data::{BuildShape, Dataset, Segments};
-use report_service::datagen::{self, Layout, Options};
+use report_service::engine::compute::compute;
 use report_service::message::dedup_phones;
+use report_tools::datagen::{self, Layout, Options};
 use support::{RefRecord, Style, pool, reference_parse, reference_stats, render, temp_file};
 
 /// Durations that sit on or next to every boundary of the semantics, in ms.

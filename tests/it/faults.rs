@@ -6,8 +6,8 @@
 
 use crate::support;
 
-use report_service::clock::SystemClock;
-use report_service::metrics::Source;
+use report_service::ops::metrics::Source;
+use report_service::platform::clock::SystemClock;
 use std::process::Command;
 use std::sync::Arc;
 use support::amqp::{
@@ -61,7 +61,7 @@ async fn finish(
     seen: &Seen,
     scenario: &Scenario,
     service: report_service::app::Running,
-) -> Arc<report_service::metrics::Metrics> {
+) -> Arc<report_service::ops::metrics::Metrics> {
     let (answered, duplicates) = counts(seen);
     let metrics = Arc::clone(service.metrics());
     service.stop().await.unwrap();
@@ -155,7 +155,7 @@ async fn broken_snapshots_never_stop_the_service() {
     let client = Client::new(&names).await;
     let mut reports = client.consume(&names.reports).await;
     let older_version = {
-        let mut bytes = report_service::snapshot::encode_base(&report_service::snapshot::Base {
+        let mut bytes = report_service::engine::snapshot::encode_base(&report_service::engine::snapshot::Base {
             generation: 1,
             identity: report_service::data::DataIdentity { digest: 0, len: 0, segments: 0 },
             written_ms: 0,

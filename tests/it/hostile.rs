@@ -6,12 +6,12 @@
 
 use crate::support;
 
+use amqp_raw::{RawProperties, RawTable, RawValue};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
-use report_service::broker::raw::{RawProperties, RawTable, RawValue};
-use report_service::clock::{Clock, SystemClock};
-use report_service::health::HealthState;
-use report_service::metrics::Outcome;
+use report_service::ops::health::HealthState;
+use report_service::ops::metrics::Outcome;
+use report_service::platform::clock::{Clock, SystemClock};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 use crate::support;
 
 use report_service::data::{BuildShape, DataError, Dataset, Expected, Field, Found};
-use report_service::datagen::{self, Options};
+use report_tools::datagen::{self, Options};
 use std::process::Command;
 use support::{pool, temp_file};
 

@@ -3,22 +3,22 @@
 
 use crate::support;
 
-use report_service::clock::SystemClock;
-use report_service::config::AmqpUrl;
-use report_service::producer::{self, Client as Producer, LoadOptions};
-use report_service::tls::TlsSettings;
+use report_service::broker::AmqpAddresses;
+use report_service::broker::TlsSettings;
+use report_service::platform::clock::SystemClock;
+use report_tools::producer::{self, Client as Producer, LoadOptions};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 use support::amqp::{AMQP_URL, Client, Names, data_file, expected_data, next_json};
 use support::start_service;
 
-fn url() -> AmqpUrl {
-    report_service::config::Config::from_vars(&[("AMQP_URL".to_owned(), AMQP_URL.to_owned())].into()).unwrap().amqp_url
+fn url() -> AmqpAddresses {
+    AmqpAddresses::parse(AMQP_URL).unwrap()
 }
 
 fn producer_command(names: &Names) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_producer"));
+    let mut command = Command::new(crate::support::tool("producer"));
     command.envs(names.vars());
     command
 }

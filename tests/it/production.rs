@@ -5,8 +5,8 @@
 
 use crate::support;
 
-use report_service::broker::raw::RawProperties;
-use report_service::clock::SystemClock;
+use amqp_raw::RawProperties;
+use report_service::platform::clock::SystemClock;
 use std::process::Command;
 use std::sync::Arc;
 use support::amqp::{
@@ -75,7 +75,7 @@ async fn the_printed_minimum_permissions_are_enough_for_every_path() {
     service.stop().await.unwrap();
     reasons.sort();
     assert_eq!(reasons, ["retries_exhausted", "undecodable"]);
-    assert_eq!(metrics.tasks_with(report_service::metrics::Outcome::Retried), 1);
+    assert_eq!(metrics.tasks_with(report_service::ops::metrics::Outcome::Retried), 1);
     assert_eq!(metrics.undecodable.get(), 1);
 }
 
@@ -126,7 +126,7 @@ mod tls {
     fn producer(names: &Names, authority: &Authority, url: &str, ca: &Authority, client_certificate: bool) -> Command {
         let secrets = authority.dir.path();
         let without_password = url.replace("guest:guest@", "guest@");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_producer"));
+        let mut command = Command::new(crate::support::tool("producer"));
         command
             .env_remove("AMQP_URL")
             .env("AMQP_URL_FILE", secret_file(secrets, "url", &format!("{without_password}\n")))

@@ -4,8 +4,8 @@
 
 use crate::support;
 
-use report_service::clock::SystemClock;
-use report_service::metrics::Source;
+use report_service::ops::metrics::Source;
+use report_service::platform::clock::SystemClock;
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
@@ -89,7 +89,7 @@ async fn a_malformed_replacement_keeps_the_old_data_serving_until_a_good_one_arr
     tokio::time::timeout(WAIT, reloads.wait_for(|r| r.swapped >= 1)).await.unwrap().unwrap();
     client.send(&task(2, &[0])).await;
     assert_eq!(avg_and_count(&next_json(&mut reports).await.0), vec![(30.0, 10)], "the good replacement");
-    assert_eq!(*reloads.borrow(), report_service::reload::Reloads { swapped: 1, failed: 1 });
+    assert_eq!(*reloads.borrow(), report_service::engine::reload::Reloads { swapped: 1, failed: 1 });
     service.stop().await.unwrap();
 }
 
@@ -181,6 +181,6 @@ async fn a_file_rewritten_in_place_is_never_read_through_the_old_index() {
     assert!(reloads.borrow_and_update().swapped >= 1);
     let metrics = Arc::clone(service.metrics());
     service.stop().await.unwrap();
-    let retried = metrics.tasks_with(report_service::metrics::Outcome::Retried);
+    let retried = metrics.tasks_with(report_service::ops::metrics::Outcome::Retried);
     assert!(retried >= 1, "the stale attempt was retried later");
 }

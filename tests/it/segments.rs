@@ -5,11 +5,11 @@
 
 use crate::support;
 
-use report_service::clock::SystemClock;
-use report_service::compute::compute;
 use report_service::data::Segments;
-use report_service::datagen::{self, Layout, Options};
-use report_service::metrics::Source;
+use report_service::engine::compute::compute;
+use report_service::ops::metrics::Source;
+use report_service::platform::clock::SystemClock;
+use report_tools::datagen::{self, Layout, Options};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
@@ -281,7 +281,7 @@ async fn a_restart_on_a_directory_restores_the_snapshot_of_its_segments() {
 fn datagen_writes_a_day_as_a_segment_named_by_its_date() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("2026-11-28.json");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_datagen"))
+    let status = std::process::Command::new(crate::support::tool("datagen"))
         .args(["--phones", "4", "--per-phone", "25", "--out"])
         .arg(&out)
         .stderr(std::process::Stdio::null())
@@ -310,7 +310,7 @@ async fn the_producer_measures_how_fresh_a_new_segment_is() {
         start_service(&names, &data, dir.path(), &[("DATA_POLL_INTERVAL_MS", "50")], Arc::new(SystemClock)).await;
     let new = dir.path().join("b.json");
     std::fs::write(&new, compact(&segment(1..2, 7, 10, 1_700_100_000_000))).unwrap();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_producer"));
+    let mut command = std::process::Command::new(crate::support::tool("producer"));
     command
         .envs(names.vars())
         .args(["freshness", "--phone", "1", "--timeout", "30", "--segment"])

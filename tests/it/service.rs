@@ -6,9 +6,9 @@ use crate::support;
 
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
-use report_service::clock::{ManualClock, SystemClock};
-use report_service::metrics::Source;
-use report_service::producer::SAMPLE_TASKS;
+use report_service::ops::metrics::Source;
+use report_service::platform::clock::{ManualClock, SystemClock};
+use report_tools::producer::SAMPLE_TASKS;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;

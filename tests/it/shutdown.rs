@@ -4,7 +4,7 @@
 
 use crate::support;
 
-use report_service::clock::SystemClock;
+use report_service::platform::clock::SystemClock;
 use std::sync::Arc;
 use std::time::Duration;
 use support::amqp::{Client, Names, Seen, collect_into, data_file, expected_data, next_json, note};
@@ -51,7 +51,7 @@ async fn sigterm_with_tasks_in_flight_loses_nothing_and_exits_zero() {
     assert_eq!(seen.len(), tasks as usize, "no task lost");
     let metrics = Arc::clone(second.metrics());
     second.stop().await.unwrap();
-    let answered_by_second = metrics.tasks_with(report_service::metrics::Outcome::Answered);
+    let answered_by_second = metrics.tasks_with(report_service::ops::metrics::Outcome::Answered);
     let duplicates: usize = seen.values().map(|(_, n)| n - 1).sum();
     eprintln!(
         "SIGTERM: sent {tasks}, answered {}, duplicates {duplicates}, wrong 0; {answered_by_second} by the second instance",

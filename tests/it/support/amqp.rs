@@ -3,6 +3,7 @@
 //! when the test panics).
 
 use super::broker::Use;
+use amqp_raw::{RawConfirm, RawProperties};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -11,8 +12,9 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
-use report_service::broker::raw::{Endpoint, RawClient, RawConfirm, RawProperties};
-use report_service::tls::TlsSettings;
+use report_service::broker::TlsSettings;
+use report_service::broker::{AmqpUrl, raw};
+use report_service::delivery::retry::{RetryPolicy, queue_name};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -69,9 +71,9 @@ impl Names {
         let mut vars: HashMap<String, String> = self.vars().into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         vars.extend(settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let config = report_service::config::Config::from_vars(&vars).expect("test config");
-        let topology = report_service::broker::Topology::from_config(&config, "test");
+        let retry = RetryPolicy { max_attempts: config.max_attempts, first_delay: config.retry_delay };
         let mut extra = self.extra.lock().expect("cleanup list");
-        for (queue, _) in topology.retry_queues {
+        for queue in retry.delays().into_iter().map(|delay| queue_name(&config.task_queue, delay)) {
             if !extra.contains(&queue) {
                 extra.push(queue);
             }
@@ -272,8 +274,8 @@ pub(crate) fn close_connection_named(name: &str) -> usize {
 pub(crate) fn data_file(dir: &Path, phones: u64, per_phone: u64) -> (std::path::PathBuf, Arc<Vec<super::RefRecord>>) {
     let path = dir.join("data.json");
     let mut bytes = Vec::new();
-    let options = report_service::datagen::Options { phones, per_phone, ..report_service::datagen::Options::default() };
-    report_service::datagen::generate(&options, &mut bytes, &|_| {}).expect("generate");
+    let options = report_tools::datagen::Options { phones, per_phone, ..report_tools::datagen::Options::default() };
+    report_tools::datagen::generate(&options, &mut bytes, &|_| {}).expect("generate");
     // Boundary records for phone 7 at the end: 10.000, 15.000, 15.001, 30.000 s.
     bytes.truncate(bytes.iter().rposition(|&b| b == b']').expect("array end"));
     for ms in [10_000, 15_000, 15_001, 30_000, 30_001] {
@@ -423,10 +425,8 @@ pub(crate) fn break_channel_of(name: &str, pick: impl Fn(&[u32]) -> u32) -> u32 
 
 /// Publishes with the minimal raw client: properties lapin itself cannot even express.
 pub(crate) async fn publish_raw(queue: &str, properties: RawProperties, body: &[u8]) {
-    let uri: lapin::uri::AMQPUri = AMQP_URL.parse().unwrap();
-    let mut raw = RawClient::connect(&Endpoint::from_uri(&uri, &TlsSettings::system_only()), "test raw publisher")
-        .await
-        .expect("raw connect");
+    let url = AmqpUrl::parse(AMQP_URL).unwrap();
+    let mut raw = raw::connect(&url, &TlsSettings::system_only(), "test raw publisher").await.expect("raw connect");
     assert_eq!(raw.publish(queue.as_bytes(), &properties, body).await.expect("publish"), RawConfirm::Queued);
     raw.close().await;
 }

@@ -7,7 +7,7 @@ pub(crate) mod proxy;
 pub(crate) mod tls;
 pub(crate) mod worker;
 
-use report_service::stats::CallStats;
+use report_service::data::stats::CallStats;
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -173,7 +173,7 @@ pub(crate) async fn start_service(
     data: &std::path::Path,
     dir: &std::path::Path,
     extra: &[(&str, &str)],
-    clock: std::sync::Arc<dyn report_service::clock::Clock>,
+    clock: std::sync::Arc<dyn report_service::platform::clock::Clock>,
 ) -> report_service::app::Running {
     let mut vars: std::collections::HashMap<String, String> =
         names.vars().into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
@@ -194,4 +194,29 @@ pub(crate) async fn start_service(
     let settings: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     names.expect_service(&settings);
     report_service::app::start(config, clock).await.expect("service starts")
+}
+
+/// The path of one of report-tools' binaries (`producer`, `datagen`). They belong to a
+/// crate of their own, so cargo gives this package no `CARGO_BIN_EXE_` for them: they
+/// are built here, once per test run, with the profile this test binary was built with
+/// (a no-op when `cargo test` at the workspace root has built them already).
+pub(crate) fn tool(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let worker = std::path::Path::new(env!("CARGO_BIN_EXE_report-service"));
+    let built = BUILT.get_or_init(|| {
+        let profile = match worker.parent().and_then(|dir| dir.file_name()).and_then(|name| name.to_str()) {
+            Some("debug") | None => "dev".to_owned(),
+            Some(other) => other.to_owned(),
+        };
+        let status = std::process::Command::new(option_env!("CARGO").unwrap_or("cargo"))
+            .args(["build", "--locked", "--quiet", "-p", "report-tools", "--bins", "--profile", &profile])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if status.success() { Ok(()) } else { Err(format!("cargo build -p report-tools failed: {status}")) }
+    });
+    if let Err(why) = built {
+        panic!("{why}");
+    }
+    worker.with_file_name(name)
 }

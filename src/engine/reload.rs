@@ -1,0 +1,314 @@
+//! Following the data: every `DATA_POLL_INTERVAL_MS` (and at once when a computation
+//! finds a file changed in place) what `DATA_PATH` holds is compared with what is being
+//! served; new files are indexed in the background and joined to the served data whole.
+//!
+//! For a single data.json the contract is "write a new file, rename it over the old
+//! one": the new file is indexed while the old one keeps serving, then swapped in, and
+//! the cache starts afresh. For a data directory it is "write a segment elsewhere (or as a
+//! `.`-file), rename it in": only the new segment is indexed, and the cached statistics
+//! are updated rather than dropped (see [`Engine::join`]); a segment replaced or removed
+//! costs only that segment's phones their cache entries.
+//!
+//! A file that is still being written (copied into place rather than renamed) keeps
+//! changing size and mtime, so what the path holds must hold still for
+//! [`Settling::SETTLE`] (or one poll, if shorter) before anything is indexed. Indexing
+//! runs on a pool of its own (one thread), so a reload never queues ahead of cache
+//! misses on the statistics pool. A file that fails to index is logged and counted, the
+//! rest keeps serving (a replaced segment keeps its previous version), and the watcher
+//! tries it again only when it changes again.
+
+use crate::data::segments::{self, Segment};
+use crate::data::{DataIdentity, FileIdentity, Segments};
+use crate::engine::Engine;
+use crate::ops::metrics::Metrics;
+use crate::platform::pool::WorkerPool;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// How many data changes were served and how many files failed, for whoever waits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reloads {
+    /// Changes indexed and served (a new data.json, or a set of segments joined).
+    pub swapped: u64,
+    /// Files (a data.json or a segment) that could not be indexed.
+    pub failed: u64,
+}
+
+/// Where the watcher looks and what it uses.
+#[derive(Debug)]
+pub struct Watch {
+    /// The data file or directory.
+    pub path: PathBuf,
+    /// How often it is checked (`DATA_POLL_INTERVAL_MS`).
+    pub every: Duration,
+    /// Indexes new files; its own threads, not the statistics pool's.
+    pub pool: WorkerPool,
+}
+
+/// Whether new data has held still long enough to be indexed. Pure: the caller feeds it
+/// what it sees and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settling<T> {
+    /// The new identity last seen, and since when.
+    candidate: Option<(T, Instant)>,
+    settle: Duration,
+}
+
+/// What to do about the data now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled<T> {
+    /// Nothing new (what is served, or files that already failed).
+    Nothing,
+    /// Changed, but not long enough ago: look again at this instant.
+    LookAgainAt(Instant),
+    /// Unchanged for the settle time: index it.
+    Index(T),
+}
+
+impl<T: Copy + PartialEq> Settling<T> {
+    /// A change must hold still this long before it is indexed (or one poll interval,
+    /// whichever is shorter).
+    pub const SETTLE: Duration = Duration::from_millis(500);
+
+    /// Settling for one poll interval `poll`, at most [`Settling::SETTLE`].
+    pub fn new(poll: Duration) -> Settling<T> {
+        Settling { candidate: None, settle: poll.min(Self::SETTLE) }
+    }
+
+    /// `seen` at `now`, where `served` is the identity being served.
+    pub fn observe(&mut self, seen: T, served: T, now: Instant) -> Settled<T> {
+        if seen == served {
+            self.candidate = None;
+            return Settled::Nothing;
+        }
+        match self.candidate {
+            Some((candidate, since)) if candidate == seen => {
+                if now.duration_since(since) >= self.settle {
+                    self.candidate = None;
+                    Settled::Index(seen)
+                } else {
+                    Settled::LookAgainAt(since + self.settle)
+                }
+            }
+            _ => {
+                self.candidate = Some((seen, now));
+                Settled::LookAgainAt(now + self.settle)
+            }
+        }
+    }
+}
+
+/// What should be served given what the path holds (`listing`): each file as listed,
+/// except one that already failed to index as it is now, for which the version being
+/// served (if any) stays.
+pub fn wanted(
+    listing: &[(String, FileIdentity)],
+    failed: &HashMap<String, FileIdentity>,
+    served: &Segments,
+) -> Vec<(String, FileIdentity)> {
+    listing
+        .iter()
+        .filter_map(|(name, identity)| {
+            if failed.get(name) != Some(identity) {
+                return Some((name.clone(), *identity));
+            }
+            served.get(name).map(|part| (name.clone(), part.dataset().identity()))
+        })
+        .collect()
+}
+
+/// Polls the data until `shutdown`, joining changes into `engine`.
+pub async fn watch_data(
+    engine: Engine,
+    watch: Watch,
+    metrics: Arc<Metrics>,
+    events: watch::Sender<Reloads>,
+    shutdown: CancellationToken,
+) {
+    let Watch { path, every, pool } = watch;
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Files that failed to index, by segment name: not retried until they change.
+    let mut failed: HashMap<String, FileIdentity> = HashMap::new();
+    let mut settling = Settling::<DataIdentity>::new(every);
+    let mut look_again: Option<Instant> = None;
+    let mut missing_logged = false;
+    loop {
+        let look_again_at = look_again.unwrap_or_else(|| Instant::now() + every);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+            _ = tokio::time::sleep_until(look_again_at.into()), if look_again.is_some() => {}
+            _ = engine.stale_data() => warn!("a data file changed under the index (edited in place?); checking it now"),
+        }
+        look_again = None;
+        let listing = match segments::list_path(&path) {
+            Ok(listing) => {
+                missing_logged = false;
+                listing
+            }
+            Err(error) => {
+                if !missing_logged {
+                    warn!(path = %path.display(), %error, "the data cannot be read; still serving the version already loaded");
+                    missing_logged = true;
+                }
+                continue;
+            }
+        };
+        let served = engine.current();
+        let wanted = wanted(&listing, &failed, &served.data);
+        let identity = DataIdentity::of(wanted.iter().map(|(name, identity)| (name.as_str(), *identity)));
+        match settling.observe(identity, served.data.identity(), Instant::now()) {
+            Settled::Nothing => continue,
+            Settled::LookAgainAt(at) => {
+                look_again = Some(at);
+                continue;
+            }
+            Settled::Index(_) => {}
+        }
+        let to_open: Vec<String> = wanted
+            .iter()
+            .filter(|(name, identity)| served.data.get(name).is_none_or(|p| p.dataset().identity() != *identity))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let removed: Vec<String> = served
+            .data
+            .parts()
+            .iter()
+            .filter(|p| !wanted.iter().any(|(name, _)| name == p.name()))
+            .map(|p| p.name().to_owned())
+            .collect();
+        info!(path = %path.display(), new = ?to_open, removed = ?removed, "the data changed; indexing the new files in the background");
+        let started = Instant::now();
+        let (open_path, build_pool, names) = (path.clone(), pool.clone(), to_open.clone());
+        // Shutdown does not wait for an index build: the pool job is left to finish (or
+        // die with the process) and its result is dropped.
+        let opened = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            opened = pool.run(move || {
+                names.iter().map(|name| Segment::open(&open_path, name, build_pool.threads())).collect::<Vec<_>>()
+            }) => opened,
+        };
+        let Ok(opened) = opened else {
+            error!("the reload was abandoned; retrying at the next poll");
+            continue;
+        };
+        let mut added = Vec::new();
+        for (name, result) in to_open.iter().zip(opened) {
+            match result {
+                Ok(segment) => {
+                    failed.remove(name);
+                    added.push(Arc::new(segment));
+                }
+                Err(error) => {
+                    let identity = listing.iter().find(|(n, _)| n == name).map(|(_, identity)| *identity);
+                    failed.extend(identity.map(|identity| (name.clone(), identity)));
+                    metrics.data_reload_failures.inc();
+                    events.send_modify(|r| r.failed += 1);
+                    let file = segments::segment_path(&path, name);
+                    error!(%error, path = %file.display(), "a new data file cannot be used; still serving the rest (and its previous version, if any)");
+                }
+            }
+        }
+        failed.retain(|name, _| listing.iter().any(|(n, _)| n == name));
+        if added.is_empty() && removed.is_empty() {
+            continue;
+        }
+        crate::platform::heap::release_free_memory();
+        let indexed_ms = started.elapsed().as_millis() as u64;
+        let single_file = |names: &mut dyn Iterator<Item = &str>| names.eq([""]);
+        if single_file(&mut served.data.parts().iter().map(|p| p.name()))
+            && single_file(&mut added.iter().map(|p| p.name()))
+        {
+            let data = served.data.changed(&added, &[]);
+            let summary = data.summary();
+            let epoch = engine.replace(data);
+            metrics.data_reloads.inc();
+            events.send_modify(|r| r.swapped += 1);
+            info!(
+                epoch,
+                records = summary.records,
+                phones = summary.phones,
+                millis = indexed_ms,
+                "new data.json swapped in; statistics of the old file are no longer served"
+            );
+            continue;
+        }
+        let (join_engine, join_pool, names) = (engine.clone(), pool.clone(), removed.clone());
+        let joined = pool.run(move || join_engine.join(added, &names, join_pool.threads())).await;
+        match joined {
+            Ok(Ok(joined)) => {
+                metrics.data_reloads.inc();
+                events.send_modify(|r| r.swapped += 1);
+                let data = &engine.current().data;
+                info!(
+                    epoch = joined.epoch,
+                    segments = data.parts().len(),
+                    records = data.summary().records,
+                    indexed_ms,
+                    total_ms = started.elapsed().as_millis() as u64,
+                    cache_kept = joined.cache.kept,
+                    cache_updated = joined.cache.replaced,
+                    cache_dropped = joined.cache.dropped,
+                    cache_locked_us = joined.cache_locked.as_micros() as u64,
+                    "segments joined; reports include them from now on"
+                );
+            }
+            Ok(Err(error)) => warn!(%error, "a new segment changed while it was read; retrying"),
+            Err(error) => error!(%error, "the join was abandoned; retrying at the next poll"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(len: u64) -> FileIdentity {
+        FileIdentity { device: 1, inode: 2, len, modified_ns: len as i128 }
+    }
+
+    /// A file still being written (its size changing at every look) is never indexed;
+    /// once it holds still for the settle time, it is.
+    #[test]
+    fn a_file_is_indexed_only_once_it_holds_still() {
+        let mut settling = Settling::new(Duration::from_secs(2));
+        let t0 = Instant::now();
+        let served = identity(1);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(settling.observe(served, served, at(0)), Settled::Nothing);
+        assert_eq!(settling.observe(identity(10), served, at(0)), Settled::LookAgainAt(at(500)));
+        assert_eq!(settling.observe(identity(20), served, at(500)), Settled::LookAgainAt(at(1_000)), "grew");
+        assert_eq!(settling.observe(identity(20), served, at(700)), Settled::LookAgainAt(at(1_000)));
+        assert_eq!(settling.observe(identity(20), served, at(1_000)), Settled::Index(identity(20)));
+        let mut fast = Settling::new(Duration::from_millis(20));
+        assert_eq!(
+            fast.observe(identity(10), served, at(0)),
+            Settled::LookAgainAt(at(20)),
+            "a shorter poll settles sooner"
+        );
+    }
+
+    /// A file that failed stays out (a new one) or keeps its served version (a
+    /// replacement) until it changes again; everything else is wanted as listed.
+    #[test]
+    fn a_failed_file_is_not_wanted_until_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.json"), br#"[{"phone":1,"start_date":0,"end_date":1}]"#).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let served = Segments::open(dir.path(), &pool).unwrap();
+        let a = served.get("a.json").unwrap().dataset().identity();
+        let listing = vec![("a.json".to_owned(), identity(5)), ("b.json".to_owned(), identity(6))];
+        let failed: HashMap<String, FileIdentity> =
+            [("a.json".to_owned(), identity(5)), ("b.json".to_owned(), identity(6))].into();
+        assert_eq!(wanted(&listing, &failed, &served), [("a.json".to_owned(), a)]);
+        let changed = vec![("a.json".to_owned(), identity(5)), ("b.json".to_owned(), identity(7))];
+        assert_eq!(wanted(&changed, &failed, &served), [("a.json".to_owned(), a), ("b.json".to_owned(), identity(7))]);
+        assert_eq!(wanted(&listing, &HashMap::new(), &served), listing);
+    }
+}

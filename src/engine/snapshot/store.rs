@@ -1,0 +1,295 @@
+//! The snapshot's files on disk: loading them at startup, appending each write's
+//! changes to the journal, starting a new base when the data changes, and compacting the
+//! journal into the base when it outgrows it.
+//!
+//! A write costs what changed, not what is cached: the changed entries are appended as
+//! one checksummed batch and synced. The journal is folded into a new base (written
+//! atomically, with the next generation) once it is larger than the base, so the disk
+//! holds at most about twice the live entries and compaction's cost is spread over the
+//! appends that caused it. A new base's journal is started after the base is in place;
+//! a journal of an older generation is ignored, so a crash between the two loses
+//! nothing that the new base does not hold.
+
+use super::format::{
+    BASE_HEADER_LEN, Base, JOURNAL_HEADER_LEN, SnapshotError, decode_base, decode_base_header, decode_journal,
+    encode_base, encode_batch, encode_journal_header,
+};
+use crate::data::DataIdentity;
+use crate::engine::cache::CachedPhone;
+use crate::platform::atomic_file;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// The journal is compacted into the base once it is larger than the base and at least
+/// this large.
+const COMPACT_MIN_BYTES: u64 = 1 << 20;
+
+/// What one write of the snapshot saves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// The data the entries were computed from.
+    pub identity: DataIdentity,
+    /// The entries changed since the last write.
+    pub entries: Vec<CachedPhone>,
+    /// For dropping expired entries when compacting.
+    pub now_ms: u64,
+    /// At most this many entries are kept when compacting (the cache's capacity).
+    pub capacity: usize,
+}
+
+/// A snapshot read at startup: the base's entries, then the journal's, in order (a
+/// later entry of a phone replaces an earlier one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// The data the entries were computed from.
+    pub identity: DataIdentity,
+    /// The cached phones.
+    pub entries: Vec<CachedPhone>,
+    /// The journal ended in a batch torn by a crash (dropped).
+    pub torn: bool,
+}
+
+/// Where the journal of the base at `path` lives.
+pub fn journal_path(path: &Path) -> PathBuf {
+    let mut journal = path.as_os_str().to_owned();
+    journal.push(".journal");
+    PathBuf::from(journal)
+}
+
+/// The snapshot at `path`; `Ok(None)` when there is none. A base that cannot be used is
+/// an error; a journal that cannot be used (or belongs to another base) is ignored.
+pub fn load(path: &Path) -> Result<Option<Restored>, SnapshotError> {
+    let base = match std::fs::read(path) {
+        Ok(bytes) => decode_base(&bytes)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut restored = Restored { identity: base.identity, entries: base.entries, torn: false };
+    if let Ok(bytes) = std::fs::read(journal_path(path))
+        && let Ok(journal) = decode_journal(&bytes)
+        && journal.generation == base.generation
+    {
+        restored.entries.extend(journal.entries);
+        restored.torn = journal.torn;
+    }
+    Ok(Some(restored))
+}
+
+/// The files as the writer last left them.
+#[derive(Debug)]
+struct Current {
+    generation: u64,
+    identity: DataIdentity,
+    base_bytes: u64,
+    journal: std::fs::File,
+    journal_bytes: u64,
+}
+
+/// The writer's handle on the snapshot files.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    /// `None` until the first write, and after a failed one (the next write starts over
+    /// from what is on disk).
+    current: Option<Current>,
+}
+
+impl Store {
+    /// The snapshot at `path` (base) and `path.journal`; nothing is read yet.
+    pub fn new(path: PathBuf) -> Store {
+        Store { path, current: None }
+    }
+
+    /// Saves `delta`: appended to the journal of the base of its data (resuming the files
+    /// on disk when they belong to that data, else starting a new, empty base), and the
+    /// journal compacted into a new base when it has outgrown the old one.
+    pub fn write(&mut self, delta: &Delta) -> std::io::Result<()> {
+        let written = self.write_inner(delta);
+        if written.is_err() {
+            self.current = None;
+        }
+        written
+    }
+
+    fn write_inner(&mut self, delta: &Delta) -> std::io::Result<()> {
+        if self.current.as_ref().is_none_or(|c| c.identity != delta.identity) {
+            self.current = Some(self.resume_or_start(delta.identity, delta.now_ms)?);
+        }
+        let Some(current) = self.current.as_mut() else { return Ok(()) };
+        if !delta.entries.is_empty() {
+            let batch = encode_batch(&delta.entries);
+            current.journal.write_all(&batch)?;
+            current.journal.sync_data()?;
+            current.journal_bytes += batch.len() as u64;
+        }
+        if current.journal_bytes > current.base_bytes.max(COMPACT_MIN_BYTES) {
+            self.compact(delta)?;
+        }
+        Ok(())
+    }
+
+    /// The files on disk if their base belongs to `identity`, else a new empty base.
+    fn resume_or_start(&self, identity: DataIdentity, now_ms: u64) -> std::io::Result<Current> {
+        let header = read_prefix(&self.path, BASE_HEADER_LEN).ok().and_then(|b| decode_base_header(&b).ok());
+        match header {
+            Some(header) if header.identity == identity => {
+                let base_bytes = std::fs::metadata(&self.path)?.len();
+                let journal = journal_path(&self.path);
+                let found = std::fs::read(&journal).ok().and_then(|b| decode_journal(&b).ok());
+                let valid_len = match found {
+                    Some(found) if found.generation == header.generation => found.valid_len,
+                    _ => {
+                        atomic_file::write(&journal, &encode_journal_header(header.generation))?;
+                        JOURNAL_HEADER_LEN
+                    }
+                };
+                let file = std::fs::OpenOptions::new().append(true).open(&journal)?;
+                // A batch torn by a crash is cut off, or everything appended after it
+                // would be unreadable too.
+                file.set_len(valid_len as u64)?;
+                let journal_bytes = (valid_len - JOURNAL_HEADER_LEN) as u64;
+                Ok(Current { generation: header.generation, identity, base_bytes, journal: file, journal_bytes })
+            }
+            // A generation that cannot collide with a journal left from before (one that
+            // belonged to an unreadable base, say): the wall clock, and later than the last.
+            other => {
+                let generation = other.map_or(0, |h| h.generation + 1).max(now_ms);
+                self.start(Base { generation, identity, written_ms: now_ms, entries: Vec::new() })
+            }
+        }
+    }
+
+    /// Writes `base` (atomically), then its empty journal, and opens the journal.
+    fn start(&self, base: Base) -> std::io::Result<Current> {
+        let bytes = encode_base(&base);
+        atomic_file::write(&self.path, &bytes)?;
+        let journal = journal_path(&self.path);
+        atomic_file::write(&journal, &encode_journal_header(base.generation))?;
+        Ok(Current {
+            generation: base.generation,
+            identity: base.identity,
+            base_bytes: bytes.len() as u64,
+            journal: std::fs::OpenOptions::new().append(true).open(&journal)?,
+            journal_bytes: 0,
+        })
+    }
+
+    /// Folds the journal into a new base: the latest entry of each phone, unexpired, at
+    /// most `capacity` of them (the latest to expire).
+    fn compact(&mut self, delta: &Delta) -> std::io::Result<()> {
+        let Some(current) = self.current.as_ref() else { return Ok(()) };
+        let restored = load(&self.path).map_err(std::io::Error::other)?.filter(|r| r.identity == current.identity);
+        let mut latest = ahash::AHashMap::new();
+        for entry in restored.map(|r| r.entries).unwrap_or_default() {
+            latest.insert(entry.phone, entry);
+        }
+        let mut entries: Vec<CachedPhone> = latest.into_values().filter(|e| e.expires_ms > delta.now_ms).collect();
+        if entries.len() > delta.capacity {
+            entries.sort_unstable_by_key(|e| std::cmp::Reverse(e.expires_ms));
+            entries.truncate(delta.capacity);
+        }
+        let base =
+            Base { generation: current.generation + 1, identity: current.identity, written_ms: delta.now_ms, entries };
+        self.current = Some(self.start(base)?);
+        Ok(())
+    }
+}
+
+/// The first `len` bytes of the file at `path` (fewer if it is shorter).
+fn read_prefix(path: &Path, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(len);
+    std::fs::File::open(path)?.take(len as u64).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Moves an unusable snapshot aside: see [`super::quarantine`]. Its journal goes with it
+/// (it extends only that base).
+pub(super) fn remove_journal(path: &Path) {
+    // Best effort: a leftover journal of another generation is ignored at load anyway.
+    let _ = std::fs::remove_file(journal_path(path));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::stats::CallStats;
+
+    const DATA: DataIdentity = DataIdentity { digest: 2, len: 3, segments: 1 };
+    const OTHER: DataIdentity = DataIdentity { digest: 9, len: 3, segments: 1 };
+
+    fn entry(phone: u64, records: u64, expires_ms: u64) -> CachedPhone {
+        CachedPhone { phone, expires_ms, stats: CallStats { records, ..CallStats::EMPTY } }
+    }
+
+    fn delta(identity: DataIdentity, entries: Vec<CachedPhone>) -> Delta {
+        Delta { identity, entries, now_ms: 100, capacity: 1_000 }
+    }
+
+    fn records(restored: &Restored) -> Vec<(u64, u64)> {
+        restored.entries.iter().map(|e| (e.phone, e.stats.records)).collect()
+    }
+
+    #[test]
+    fn writes_append_and_a_restart_resumes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        let mut store = Store::new(path.clone());
+        store.write(&delta(DATA, vec![entry(1, 1, 1_000)])).unwrap();
+        store.write(&delta(DATA, vec![entry(2, 2, 1_000), entry(1, 5, 1_000)])).unwrap();
+        let base_len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(records(&load(&path).unwrap().unwrap()), [(1, 1), (2, 2), (1, 5)]);
+        // Another process (a restart) continues the same files.
+        let mut resumed = Store::new(path.clone());
+        resumed.write(&delta(DATA, vec![entry(3, 3, 1_000)])).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), base_len, "the base was not rewritten");
+        assert_eq!(records(&load(&path).unwrap().unwrap()), [(1, 1), (2, 2), (1, 5), (3, 3)]);
+    }
+
+    #[test]
+    fn new_data_starts_a_new_base_and_the_old_journal_is_never_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        let mut store = Store::new(path.clone());
+        store.write(&delta(DATA, vec![entry(1, 1, 1_000)])).unwrap();
+        store.write(&delta(OTHER, vec![entry(7, 7, 1_000)])).unwrap();
+        let restored = load(&path).unwrap().unwrap();
+        assert_eq!((restored.identity, records(&restored)), (OTHER, vec![(7, 7)]));
+    }
+
+    /// A journal larger than its base is folded into a new base: latest entry per phone,
+    /// expired ones dropped, at most the capacity (the latest to expire).
+    #[test]
+    fn a_grown_journal_is_compacted_into_the_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        let mut store = Store::new(path.clone());
+        let batch: Vec<CachedPhone> = (0..5_000).map(|p| entry(p, 1, 50)).collect();
+        store.write(&delta(DATA, batch)).unwrap();
+        let later: Vec<CachedPhone> = (0..5_000).map(|p| entry(p, 2, 1_000 + p)).collect();
+        store.write(&Delta { capacity: 3_000, ..delta(DATA, later) }).unwrap();
+        let journal = std::fs::metadata(journal_path(&path)).unwrap().len();
+        assert_eq!(journal, JOURNAL_HEADER_LEN as u64, "folded into the base");
+        let restored = load(&path).unwrap().unwrap();
+        assert_eq!(restored.entries.len(), 3_000);
+        assert!(restored.entries.iter().all(|e| e.stats.records == 2 && e.phone >= 2_000), "the latest to expire");
+    }
+
+    #[test]
+    fn a_batch_torn_by_a_crash_is_dropped_and_the_rest_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        let mut store = Store::new(path.clone());
+        store.write(&delta(DATA, vec![entry(1, 1, 1_000)])).unwrap();
+        store.write(&delta(DATA, vec![entry(2, 2, 1_000)])).unwrap();
+        let journal = journal_path(&path);
+        let bytes = std::fs::read(&journal).unwrap();
+        std::fs::write(&journal, &bytes[..bytes.len() - 5]).unwrap();
+        let restored = load(&path).unwrap().unwrap();
+        assert_eq!((records(&restored), restored.torn), (vec![(1, 1)], true));
+        // The next process cuts the torn batch off and appends after the last whole one.
+        let mut resumed = Store::new(path.clone());
+        resumed.write(&delta(DATA, vec![entry(3, 3, 1_000)])).unwrap();
+        let restored = load(&path).unwrap().unwrap();
+        assert_eq!((records(&restored), restored.torn), (vec![(1, 1), (3, 3)], false));
+    }
+}
