@@ -69,8 +69,8 @@ fn fixture(layout: Layout) -> Fixture {
 const SHAPES: [(&str, Layout); 3] =
     [("sorted", Layout::Sorted), ("shuffled", Layout::Shuffled), ("many_phones", Layout::ManyPhones)];
 
-fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool")
+fn pool(threads: usize) -> WorkerPool {
+    WorkerPool::new("bench", threads).expect("pool")
 }
 
 fn index_build(c: &mut Criterion) {
@@ -114,7 +114,7 @@ fn cold_report(c: &mut Criterion) {
 fn warm_report(c: &mut Criterion) {
     let fixture = fixture(Layout::Sorted);
     let pool = WorkerPool::new("bench", 2).expect("pool");
-    let dataset = Segments::open(&fixture.path, pool.threads()).expect("valid fixture");
+    let dataset = Segments::open(&fixture.path, &pool).expect("valid fixture");
     let metrics = Arc::new(Metrics::new());
     let engine = Engine::builder(dataset, pool)
         .cache(CacheSettings { ttl: Duration::from_secs(600), max_entries: 1_000 })
@@ -189,7 +189,7 @@ fn join_case(
 ) {
     let fixture = fixture(layout);
     let workers = WorkerPool::new("bench", 2).expect("pool");
-    let base = Arc::new(Segment::new("base.json", Dataset::open(&fixture.path, workers.threads()).expect("fixture")));
+    let base = Arc::new(Segment::new("base.json", Dataset::open(&fixture.path, &workers).expect("fixture")));
     let all: &[u64] = base.dataset().index().phones();
     let phones: Vec<u64> = all.iter().copied().take(cached).collect();
     // 1 % of the base's records, each of a phone of the base, in a day of their own.

@@ -15,7 +15,7 @@ fn main() -> anyhow::Result<()> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
     datagen::generate(&Options { phones: 2, per_phone: 200_000, ..Options::default() }, &mut out, &|_| {})?;
     drop(out);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let pool = report_service::platform::pool::WorkerPool::new("example", 1)?;
     let dataset = Dataset::open(&path, &pool)?;
     let phone = PhonePrefix::new(1);
     let mut records = 0;

@@ -27,7 +27,10 @@ fn rss_anon() -> usize {
 
 fn main() -> anyhow::Result<()> {
     let path = std::env::args().nth(1).unwrap_or_else(|| "data/data.json".into());
-    let pool = rayon::ThreadPoolBuilder::new().build()?;
+    let pool = report_service::platform::pool::WorkerPool::new(
+        "example",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    )?;
     let before = CURRENT.load(Ordering::Relaxed);
     PEAK.store(before, Ordering::Relaxed);
     let rss_before = rss_anon();

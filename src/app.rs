@@ -254,7 +254,7 @@ pub async fn report_once(
 pub async fn load(path: &Path, pool: &WorkerPool) -> anyhow::Result<Segments> {
     let (path_buf, build_pool) = (path.to_owned(), pool.clone());
     let data = pool
-        .run(move || Segments::open(&path_buf, build_pool.threads()))
+        .run(move || Segments::open(&path_buf, &build_pool))
         .await
         .context("the index build was abandoned")?
         .with_context(|| format!("cannot use DATA_PATH={}", path.display()))?;

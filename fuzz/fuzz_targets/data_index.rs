@@ -5,11 +5,12 @@
 
 use libfuzzer_sys::fuzz_target;
 use report_service::data::{BuildShape, PhoneIndex};
+use report_service::platform::pool::WorkerPool;
 use std::sync::OnceLock;
 
-fn pool() -> &'static rayon::ThreadPool {
-    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
-    POOL.get_or_init(|| rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("pool"))
+fn pool() -> &'static WorkerPool {
+    static POOL: OnceLock<WorkerPool> = OnceLock::new();
+    POOL.get_or_init(|| WorkerPool::new("fuzz", 2).expect("pool"))
 }
 
 fuzz_target!(|data: &[u8]| {

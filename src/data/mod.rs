@@ -20,6 +20,7 @@ pub use index::{BuildShape, IndexSummary, MAX_FILE_LEN, MAX_RECORD_LEN, MAX_SPAN
 pub use scan::{Expected, Field, Found, Malformed, PhonePrefix};
 pub use segments::{Segment, Segments};
 
+use crate::platform::pool::WorkerPool;
 use mmap::Mapping;
 pub use stats::{CallStats, Tally};
 use std::path::{Path, PathBuf};
@@ -109,14 +110,14 @@ pub struct Dataset {
 
 impl Dataset {
     /// Maps and indexes the file at `path` on `pool`, validating every record.
-    pub fn open(path: &Path, pool: &rayon::ThreadPool) -> Result<Dataset, DataError> {
+    pub fn open(path: &Path, pool: &WorkerPool) -> Result<Dataset, DataError> {
         Dataset::open_with(path, pool, None)
     }
 
     /// [`Dataset::open`], the index built in the given shape (see
     /// [`PhoneIndex::build_shaped`]); for tests of the parallel index build.
     #[doc(hidden)]
-    pub fn open_with(path: &Path, pool: &rayon::ThreadPool, shape: Option<BuildShape>) -> Result<Dataset, DataError> {
+    pub fn open_with(path: &Path, pool: &WorkerPool, shape: Option<BuildShape>) -> Result<Dataset, DataError> {
         let open_error = |source| DataError::Open { path: path.to_owned(), source };
         let file = std::fs::File::open(path).map_err(open_error)?;
         // SAFETY: the service's contract with whoever produces data.json is "replace it by
@@ -304,7 +305,7 @@ mod tests {
         bytes.truncate(bytes.iter().rposition(|&b| b == b']').unwrap());
         bytes.extend_from_slice(br#", { "end_date": 30001, "x": [1, {"y": "}"}], "phone": 3, "start_date": 0 }]"#);
         std::fs::write(&path, &bytes).unwrap();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let pool = WorkerPool::new("test", 2).unwrap();
         let dataset = Dataset::open(&path, &pool).unwrap();
         let mut checked = 0;
         for &phone in dataset.index().phones() {

@@ -7,6 +7,7 @@
 //! indexed on its own, so adding one indexes only it, and [`Segments`] is an immutable
 //! set: a change makes a new set sharing the unchanged segments, swapped in whole.
 
+use crate::platform::pool::WorkerPool;
 use super::{DataError, Dataset, FileIdentity, IndexSummary};
 use crate::data::identity::DataIdentity;
 use std::path::{Path, PathBuf};
@@ -23,7 +24,7 @@ pub struct Segment {
 
 impl Segment {
     /// Maps and indexes `dir/name` (or the file `dir` itself when `name` is empty).
-    pub fn open(dir: &Path, name: &str, pool: &rayon::ThreadPool) -> Result<Segment, DataError> {
+    pub fn open(dir: &Path, name: &str, pool: &WorkerPool) -> Result<Segment, DataError> {
         let path = segment_path(dir, name);
         let dataset = Dataset::open(&path, pool).map_err(|error| {
             // A single file's errors name it already (or are about it alone).
@@ -63,7 +64,7 @@ pub struct Segments {
 
 impl Segments {
     /// Maps and indexes the data at `path`: a file, or every segment of a directory.
-    pub fn open(path: &Path, pool: &rayon::ThreadPool) -> Result<Segments, DataError> {
+    pub fn open(path: &Path, pool: &WorkerPool) -> Result<Segments, DataError> {
         let listing = list_path(path).map_err(|source| DataError::Open { path: path.to_owned(), source })?;
         let mut parts = Vec::new();
         for (name, _) in listing {
@@ -195,8 +196,8 @@ pub fn segment_path(path: &Path, name: &str) -> PathBuf {
 mod tests {
     use super::*;
 
-    fn pool() -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap()
+    fn pool() -> WorkerPool {
+        WorkerPool::new("test", 2).unwrap()
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! exactly (see `stats`). This module blocks the calling thread: the service calls it
 //! from the rayon pool, never from the async runtime.
 
+use crate::platform::pool::WorkerPool;
 use crate::data::stats::CallStats;
 use crate::data::{PhonePrefix, Segments, Span, StaleData};
 use rayon::prelude::*;
@@ -39,7 +40,7 @@ pub fn bytes_to_read(data: &Segments, phones: &[u64]) -> usize {
 /// at any moment in between, the numbers may be torn, so none are returned (nothing
 /// computed from them is cached, snapshotted or answered; the task is retried on the new
 /// file).
-pub fn compute(data: &Segments, phones: &[u64], pool: &rayon::ThreadPool) -> Result<Vec<CallStats>, StaleData> {
+pub fn compute(data: &Segments, phones: &[u64], pool: &WorkerPool) -> Result<Vec<CallStats>, StaleData> {
     compute_checked(data, phones, pool, || {})
 }
 
@@ -48,7 +49,7 @@ pub fn compute(data: &Segments, phones: &[u64], pool: &rayon::ThreadPool) -> Res
 fn compute_checked(
     data: &Segments,
     phones: &[u64],
-    pool: &rayon::ThreadPool,
+    pool: &WorkerPool,
     meanwhile: impl FnOnce(),
 ) -> Result<Vec<CallStats>, StaleData> {
     if !data.still_intact() {
@@ -65,7 +66,7 @@ fn compute_checked(
 /// One unit of work: (index into `phones`, segment, range of that phone's spans in it).
 type Unit = (usize, usize, Range<usize>);
 
-fn aggregate(data: &Segments, phones: &[u64], pool: &rayon::ThreadPool) -> Result<Vec<CallStats>, StaleData> {
+fn aggregate(data: &Segments, phones: &[u64], pool: &WorkerPool) -> Result<Vec<CallStats>, StaleData> {
     let prefixes: Vec<PhonePrefix> = phones.iter().map(|&phone| PhonePrefix::new(phone)).collect();
     let units = work_units(data, phones);
     let unit = |&(slot, part, ref spans): &Unit| -> Result<(usize, CallStats), StaleData> {
@@ -76,7 +77,7 @@ fn aggregate(data: &Segments, phones: &[u64], pool: &rayon::ThreadPool) -> Resul
     let partials: Vec<(usize, CallStats)> = if bytes_to_read(data, phones) <= INLINE_BYTES {
         units.iter().map(unit).collect::<Result<_, StaleData>>()?
     } else {
-        pool.install(|| units.par_iter().map(unit).collect::<Result<_, StaleData>>())?
+        pool.threads().install(|| units.par_iter().map(unit).collect::<Result<_, StaleData>>())?
     };
     let mut result = vec![CallStats::EMPTY; phones.len()];
     for (slot, stats) in partials {
@@ -114,10 +115,10 @@ mod tests {
     use super::*;
     use std::io::{Seek, Write};
 
-    fn dataset(dir: &std::path::Path) -> (std::path::PathBuf, Segments, rayon::ThreadPool) {
+    fn dataset(dir: &std::path::Path) -> (std::path::PathBuf, Segments, WorkerPool) {
         let path = dir.join("data.json");
         std::fs::write(&path, br#"[{"phone":3,"start_date":0,"end_date":10000}]"#).unwrap();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let pool = WorkerPool::new("test", 1).unwrap();
         let data = Segments::open(&path, &pool).unwrap();
         (path, data, pool)
     }

@@ -195,7 +195,7 @@ impl Engine {
         &self,
         added: Vec<Arc<Segment>>,
         removed: &[String],
-        pool: &rayon::ThreadPool,
+        pool: &WorkerPool,
     ) -> Result<Joined, StaleData> {
         let old = self.current();
         let next = old.data.changed(&added, removed);
@@ -350,7 +350,7 @@ impl Inner {
         }
         let phones: Vec<u64> = owned.iter().map(|(phone, _)| *phone).collect();
         let mut land = Land { state: &self.state, epoch: loaded.epoch, phones };
-        let computed = compute::compute(&loaded.data, &land.phones, self.pool.threads());
+        let computed = compute::compute(&loaded.data, &land.phones, &self.pool);
         if computed.is_err() {
             self.stale.notify_one();
         }
@@ -426,7 +426,7 @@ mod tests {
     use futures_util::FutureExt;
     use futures_util::future::join_all;
 
-    fn dataset(dir: &std::path::Path, pool: &rayon::ThreadPool) -> Segments {
+    fn dataset(dir: &std::path::Path, pool: &WorkerPool) -> Segments {
         let path = dir.join("data.json");
         std::fs::write(&path, crate::data::testdata::records(5, 1_000, false)).unwrap();
         Segments::open(&path, pool).unwrap()
@@ -443,7 +443,7 @@ mod tests {
     }
 
     fn engine(ttl: Duration, pool: WorkerPool, dir: &std::path::Path) -> (Engine, Arc<Metrics>) {
-        let data = dataset(dir, &rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
+        let data = dataset(dir, &WorkerPool::new("test-data", 1).unwrap());
         let metrics = Arc::new(Metrics::new());
         let engine = Engine::builder(data, pool)
             .cache(CacheSettings { ttl, max_entries: 1_000 })
@@ -463,7 +463,7 @@ mod tests {
         assert!((&mut all).now_or_never().is_none());
         release.send(()).unwrap();
         let results = all.await;
-        let expected = compute::compute(&engine.current().data, &[1, 2, 99], engine.pool().threads()).unwrap();
+        let expected = compute::compute(&engine.current().data, &[1, 2, 99], engine.pool()).unwrap();
         for result in results {
             let stats: Vec<CallStats> = result.unwrap().into_iter().map(|a| a.stats).collect();
             assert_eq!(stats, expected);
@@ -499,7 +499,7 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let path = other.path().join("data.json");
         std::fs::write(&path, br#"[{"phone":1,"start_date":0,"end_date":1000}]"#).unwrap();
-        assert_eq!(engine.replace(Segments::open(&path, pool.threads()).unwrap()), 2);
+        assert_eq!(engine.replace(Segments::open(&path, &pool).unwrap()), 2);
         assert_eq!(engine.stats(&[1]).await.unwrap()[0].stats.records, 1);
         assert_eq!(metrics.phones_with(Source::Cache), 0, "the old entry was never served");
         assert_eq!(engine.cached().len(), 1);

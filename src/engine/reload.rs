@@ -191,7 +191,7 @@ pub async fn watch_data(
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
             opened = pool.run(move || {
-                names.iter().map(|name| Segment::open(&open_path, name, build_pool.threads())).collect::<Vec<_>>()
+                names.iter().map(|name| Segment::open(&open_path, name, &build_pool)).collect::<Vec<_>>()
             }) => opened,
         };
         let Ok(opened) = opened else {
@@ -240,7 +240,7 @@ pub async fn watch_data(
             continue;
         }
         let (join_engine, join_pool, names) = (engine.clone(), pool.clone(), removed.clone());
-        let joined = pool.run(move || join_engine.join(added, &names, join_pool.threads())).await;
+        let joined = pool.run(move || join_engine.join(added, &names, &join_pool)).await;
         match joined {
             Ok(Ok(joined)) => {
                 metrics.data_reloads.inc();
@@ -300,7 +300,7 @@ mod tests {
     fn a_failed_file_is_not_wanted_until_it_changes() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.json"), br#"[{"phone":1,"start_date":0,"end_date":1}]"#).unwrap();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let pool = WorkerPool::new("test", 1).unwrap();
         let served = Segments::open(dir.path(), &pool).unwrap();
         let a = served.get("a.json").unwrap().dataset().identity();
         let listing = vec![("a.json".to_owned(), identity(5)), ("b.json".to_owned(), identity(6))];

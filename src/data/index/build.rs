@@ -14,6 +14,7 @@
 //! final span table. On a time-ordered file of 20 M records this is what took the build
 //! from 1.1-1.3 s to under 0.6 s.
 
+use crate::platform::pool::WorkerPool;
 use super::{IndexSummary, MAX_FILE_LEN, MAX_RECORD_LEN, MAX_SPAN_LEN, PhoneIndex, Span, bucket_of};
 use crate::data::DataError;
 use crate::data::scan::{self, Expected, LastPhone, Malformed, skip_ws};
@@ -59,12 +60,12 @@ impl BuildShape {
 impl PhoneIndex {
     /// Validates `bytes` as a JSON array of call records and indexes it, using the
     /// threads of `pool`.
-    pub fn build(bytes: &[u8], pool: &rayon::ThreadPool) -> Result<PhoneIndex, DataError> {
-        PhoneIndex::build_shaped(bytes, pool, BuildShape::for_file(bytes.len(), pool.current_num_threads()))
+    pub fn build(bytes: &[u8], pool: &WorkerPool) -> Result<PhoneIndex, DataError> {
+        PhoneIndex::build_shaped(bytes, pool, BuildShape::for_file(bytes.len(), pool.threads().current_num_threads()))
     }
 
     /// [`PhoneIndex::build`] cut as `shape` says, whatever the file's size.
-    pub fn build_shaped(bytes: &[u8], pool: &rayon::ThreadPool, shape: BuildShape) -> Result<PhoneIndex, DataError> {
+    pub fn build_shaped(bytes: &[u8], pool: &WorkerPool, shape: BuildShape) -> Result<PhoneIndex, DataError> {
         if bytes.len() as u64 > MAX_FILE_LEN {
             return Err(DataError::FileTooLarge { len: bytes.len() as u64, max: MAX_FILE_LEN });
         }
@@ -80,7 +81,7 @@ impl PhoneIndex {
         } else {
             scan_regions(bytes, body, pool, shape.regions.max(1), bits)?
         };
-        Ok(pool.install(|| group_by_phone(regions, bits)))
+        Ok(pool.threads().install(|| group_by_phone(regions, bits)))
     }
 }
 
@@ -222,7 +223,7 @@ fn check_end(bytes: &[u8], after_array: usize) -> Result<(), DataError> {
 fn scan_regions(
     bytes: &[u8],
     body: usize,
-    pool: &rayon::ThreadPool,
+    pool: &WorkerPool,
     parts: usize,
     bits: u32,
 ) -> Result<Vec<Region>, DataError> {
@@ -235,7 +236,7 @@ fn scan_regions(
         }
     }
     let stop_of = |k: usize| starts.get(k + 1).copied().unwrap_or(usize::MAX);
-    let mut speculative: Vec<Option<Result<Region, DataError>>> = pool.install(|| {
+    let mut speculative: Vec<Option<Result<Region, DataError>>> = pool.threads().install(|| {
         (0..starts.len()).into_par_iter().map(|k| Some(scan_region(bytes, starts[k], stop_of(k), bits))).collect()
     });
 
@@ -479,8 +480,8 @@ fn radix_sort_by_phone(items: &mut Vec<(u64, Span)>, spare: &mut Vec<(u64, Span)
 mod tests {
     use super::*;
 
-    fn pool(threads: usize) -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("test pool")
+    fn pool(threads: usize) -> WorkerPool {
+        WorkerPool::new("test", threads).expect("test pool")
     }
 
     fn malformed(text: &[u8]) -> (u64, Expected) {

@@ -162,8 +162,8 @@ pub(crate) fn temp_file(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
-pub(crate) fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("test pool")
+pub(crate) fn pool(threads: usize) -> report_service::platform::pool::WorkerPool {
+    report_service::platform::pool::WorkerPool::new("test", threads).expect("test pool")
 }
 
 /// Starts an in-process service on `names`' queues over `data`, with its snapshot in
