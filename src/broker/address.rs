@@ -60,7 +60,7 @@ pub struct AmqpUrl {
 
 impl AmqpUrl {
     /// Parses and checks one URL: `amqp://` or (with the `tls` feature) `amqps://`, and a
-    /// `frame_max` of at most [`super::FRAME_MAX`] if it sets one.
+    /// `frame_max` of at most `amqp_raw::FRAME_MAX` (the limit of both clients) if it sets one.
     pub fn parse(text: &str) -> Result<AmqpUrl, UrlError> {
         if text.starts_with("amqps://") && !super::tls::AVAILABLE {
             return Err(UrlError::NoTls);
@@ -71,7 +71,7 @@ impl AmqpUrl {
         let uri: AMQPUri = text.parse().map_err(|_| UrlError::NotAmqp)?;
         // The threads' stacks are sized for headers of at most one frame (see
         // `platform::stack`); a larger or unlimited (0) frame_max would undo that.
-        if uri.query.frame_max.is_some_and(|f| f == 0 || f > super::FRAME_MAX) {
+        if uri.query.frame_max.is_some_and(|f| f == 0 || f > amqp_raw::FRAME_MAX) {
             return Err(UrlError::FrameMax);
         }
         Ok(AmqpUrl { text: text.to_owned(), uri })

@@ -1,4 +1,11 @@
-//! The memory mapping of data.json: the crate's one `unsafe`.
+//! The memory mapping of data.json: the one `unsafe` of the crate that rests on a promise
+//! from outside the process (that data.json is replaced by rename, never rewritten in
+//! place: see [`Mapping::new`]).
+//!
+//! The crate holds six `unsafe` blocks, each with its `SAFETY` note: the mapping here and
+//! its one caller (`Dataset::open`); the run-time AVX2 dispatch and the prefetch hint in
+//! `data::dataset`; setting `RUST_MIN_STACK` before any thread exists
+//! (`platform::stack`); and `malloc_trim` (`platform::heap`).
 //!
 //! The mapping is read-only and shared. It owns the open file, so the mapped inode stays
 //! alive even when data.json is replaced by rename; the reload watcher then maps the new

@@ -7,9 +7,11 @@
 //! indexed on its own, so adding one indexes only it, and [`Segments`] is an immutable
 //! set: a change makes a new set sharing the unchanged segments, swapped in whole.
 
+use super::dataset::Dataset;
+use super::error::DataError;
+use super::identity::{DataIdentity, FileIdentity};
+use super::index::IndexSummary;
 use crate::platform::pool::WorkerPool;
-use super::{DataError, Dataset, FileIdentity, IndexSummary};
-use crate::data::identity::DataIdentity;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

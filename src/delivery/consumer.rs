@@ -5,7 +5,7 @@
 //! waiting with capped backoff only once every node has failed), hands each delivery to the
 //! `pipeline` as a task of its own, reconnects when the session is lost or a task finds
 //! it broken (a closed channel is also caught by a check every second), moves messages
-//! the AMQP client cannot decode to the DLQ (`poison`) before consuming again, and on
+//! the AMQP client cannot decode to the DLQ (`sweeper`) before consuming again, and on
 //! shutdown stops consuming, requeues what was prefetched but not started, lets tasks in
 //! flight finish and closes the connection, all within the shutdown deadline.
 
@@ -67,7 +67,7 @@ enum SessionEnd {
     Shutdown,
     /// The connection or the consumer went away, or a task found the session broken.
     Lost(String),
-    /// The broker delivered a message lapin cannot decode (see `poison`).
+    /// The broker delivered a message lapin cannot decode (see `sweeper`).
     Undecodable(String),
 }
 

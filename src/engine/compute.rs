@@ -2,12 +2,12 @@
 //!
 //! Work is cut into units of about `UNIT_BYTES` of records, so it spreads across the
 //! pool both across phones and within a phone with many records; partial results merge
-//! exactly (see `stats`). This module blocks the calling thread: the service calls it
+//! exactly (see `data::stats`). This module blocks the calling thread: the service calls it
 //! from the rayon pool, never from the async runtime.
 
-use crate::platform::pool::WorkerPool;
 use crate::data::stats::CallStats;
 use crate::data::{PhonePrefix, Segments, Span, StaleData};
+use crate::platform::pool::WorkerPool;
 use rayon::prelude::*;
 use std::ops::Range;
 

@@ -191,12 +191,7 @@ impl Engine {
     /// to list the cached phones and, after the swap, to move the entries (one lookup per
     /// entry in the changed segments' indexes). Tasks see the old set or the new one,
     /// whole. Fails, changing nothing, if an added segment changed while it was read.
-    pub fn join(
-        &self,
-        added: Vec<Arc<Segment>>,
-        removed: &[String],
-        pool: &WorkerPool,
-    ) -> Result<Joined, StaleData> {
+    pub fn join(&self, added: Vec<Arc<Segment>>, removed: &[String], pool: &WorkerPool) -> Result<Joined, StaleData> {
         let old = self.current();
         let next = old.data.changed(&added, removed);
         let going = old.data.going(&added, removed);

@@ -1,6 +1,6 @@
 //! Report messages: the exact JSON clients expect (README, "Message contract").
 
-use super::{CorrelationId, InvalidPhones};
+use super::task::{CorrelationId, InvalidPhones};
 use crate::data::stats::CallStats;
 use serde::Serialize;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! lapin decodes (and Rust clones and drops) a message's header table recursively, one
 //! stack frame per nesting level, on its own I/O thread and then on whichever thread
 //! holds the delivery. A client may nest tables 21,800 deep, or arrays 26,000 deep,
-//! within one 128 KiB frame (the most `broker` and `config` allow); a default 2 MiB
+//! within one 128 KiB frame (the most `broker::FRAME_MAX` allows); a default 2 MiB
 //! stack overflows at about 1,000 levels and the process aborts. Measured on the
 //! release build: both maxima are answered with 32 MiB stacks. So every thread gets
 //! [`THREAD_STACK_BYTES`], twice that: reserved address space, of which only the pages a

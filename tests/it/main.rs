@@ -5,6 +5,7 @@
 //! Tests that talk to the broker run side by side on their own randomly named queues;
 //! the one that restarts the broker waits for the broker to itself (`support::broker`).
 
+mod architecture;
 mod datagen;
 mod differential;
 mod faults;

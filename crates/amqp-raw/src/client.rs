@@ -2,7 +2,7 @@
 //! the frames they are made of. Reads go through a buffer so a timeout never loses bytes.
 
 use super::codec::{Reader, Writer, decode_properties, encode_properties};
-use super::{FRAME_MAX, RawConfirm, RawDelivery, RawError, RawProperties, Transport};
+use super::types::{FRAME_MAX, RawConfirm, RawDelivery, RawError, RawProperties, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const FRAME_METHOD: u8 = 1;

@@ -2,7 +2,7 @@
 //! basic-class properties, header tables (decoded with a depth bound, validated as lapin
 //! would at any depth without recursion).
 
-use super::{MAX_TABLE_DEPTH, RawError, RawProperties, RawTable, RawValue};
+use super::types::{MAX_TABLE_DEPTH, RawError, RawProperties, RawTable, RawValue};
 
 /// The basic class, whose content headers carry the properties below.
 const BASIC: u16 = 60;
@@ -431,6 +431,19 @@ pub fn parse_content_header(payload: &[u8]) -> Result<(u64, RawProperties), RawE
     let mut r = Reader::new(payload);
     let (_class, _weight, size) = (r.u16()?, r.u16()?, r.u64()?);
     Ok((size, decode_properties(&mut r)?))
+}
+
+impl RawTable {
+    /// A table received as `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> RawTable {
+        let fields = decode_fields(&bytes, 0).ok();
+        RawTable { bytes, fields }
+    }
+
+    /// A table to send.
+    pub fn from_fields(fields: Vec<(Vec<u8>, RawValue)>) -> RawTable {
+        RawTable { bytes: encode_table(&fields), fields: Some(fields) }
+    }
 }
 
 #[cfg(test)]

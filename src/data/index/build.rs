@@ -14,10 +14,10 @@
 //! final span table. On a time-ordered file of 20 M records this is what took the build
 //! from 1.1-1.3 s to under 0.6 s.
 
-use crate::platform::pool::WorkerPool;
-use super::{IndexSummary, MAX_FILE_LEN, MAX_RECORD_LEN, MAX_SPAN_LEN, PhoneIndex, Span, bucket_of};
-use crate::data::DataError;
+use super::spans::{IndexSummary, MAX_FILE_LEN, MAX_RECORD_LEN, MAX_SPAN_LEN, PhoneIndex, Span, bucket_of};
+use crate::data::error::DataError;
 use crate::data::scan::{self, Expected, LastPhone, Malformed, skip_ws};
+use crate::platform::pool::WorkerPool;
 use rayon::prelude::*;
 
 /// Below this size the file is scanned by one thread.

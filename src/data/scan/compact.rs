@@ -2,8 +2,8 @@
 //! (`{"phone":N,"start_date":N,"end_date":N}`), read with fixed literals and SWAR digits.
 //! It never fails: anything else declines (`None`) and the general parser decides.
 
-use super::super::number::{thirteen_digit_difference, thirteen_digits};
-use super::{Record, date_at, literal, phone_at};
+use super::lex::{Record, date_at, literal, phone_at};
+use crate::data::number::{thirteen_digit_difference, thirteen_digits};
 
 const COMPACT_PHONE: &[u8] = b"{\"phone\":";
 const COMPACT_START: &[u8] = b",\"start_date\":";

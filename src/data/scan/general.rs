@@ -1,7 +1,8 @@
 //! The general parser: one record object in any valid JSON layout (any whitespace and
 //! key order, escaped keys, extra fields of any type, validated and skipped).
 
-use super::{Expected, Field, Malformed, Record, Scan, date_at, literal, phone_at, skip_ws};
+use super::lex::{Field, Record, date_at, literal, phone_at, skip_ws};
+use super::malformed::{Expected, Malformed, Scan};
 
 /// Which field a key names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

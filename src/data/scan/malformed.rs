@@ -1,6 +1,6 @@
 //! What a scanning error says: the offset, what was expected there, what was found.
 
-use super::Field;
+use super::lex::Field;
 use std::fmt;
 
 /// What the scanner expected where it stopped.
@@ -107,3 +107,6 @@ impl Malformed {
         Malformed { offset, expected, found }
     }
 }
+
+/// A scan's result: the value, or where and why the bytes are not a valid record.
+pub(crate) type Scan<T> = Result<T, Malformed>;

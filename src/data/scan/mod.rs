@@ -10,10 +10,12 @@
 //! This module owns no state and allocates only when skipping nested extra fields.
 //!
 //! Layout: `compact` (the fast path), `general` (any valid JSON object), `malformed` (what
-//! an error says); this file holds the shared lexing primitives and the entry points.
+//! an error says), `lex` (the lexing primitives they share); this file holds the entry
+//! points.
 
 mod compact;
 mod general;
+mod lex;
 mod malformed;
 
 #[cfg(test)]
@@ -22,98 +24,8 @@ pub use compact::{PhonePrefix, compact_record};
 pub use general::{general_record, skip_value};
 pub use malformed::{Expected, Found, Malformed};
 
-use super::number::parse_digits;
-
-/// One call record as stored in data.json (dates in epoch milliseconds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Record {
-    /// The caller's phone.
-    pub phone: u64,
-    /// When the call started.
-    pub start_date: i64,
-    /// When it ended.
-    pub end_date: i64,
-}
-
-/// A required field of a record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(missing_docs)] // each is the record field of its name
-pub enum Field {
-    Phone,
-    StartDate,
-    EndDate,
-}
-
-impl Field {
-    /// Its key in data.json.
-    pub fn name(self) -> &'static str {
-        match self {
-            Field::Phone => "phone",
-            Field::StartDate => "start_date",
-            Field::EndDate => "end_date",
-        }
-    }
-}
-
-pub(crate) type Scan<T> = Result<T, Malformed>;
-
-#[inline(always)]
-fn is_ws(b: u8) -> bool {
-    matches!(b, b' ' | b'\n' | b'\r' | b'\t')
-}
-
-/// Position of the first non-whitespace byte at or after `pos` (or `bytes.len()`).
-#[inline(always)]
-pub fn skip_ws(bytes: &[u8], mut pos: usize) -> usize {
-    while let Some(&b) = bytes.get(pos) {
-        if !is_ws(b) {
-            break;
-        }
-        pos += 1;
-    }
-    pos
-}
-
-/// Position just after the literal `lit` at `pos`, if it is there.
-#[inline(always)]
-fn literal(bytes: &[u8], pos: usize, lit: &[u8]) -> Option<usize> {
-    let end = pos + lit.len();
-    (bytes.get(pos..end)? == lit).then_some(end)
-}
-
-/// A JSON integer literal at `pos` (`-`? `0`|[1-9][0-9]*, no fraction or exponent),
-/// as sign and magnitude. `None` for anything else, including overflow of u64.
-#[inline(always)]
-fn json_integer(bytes: &[u8], pos: usize) -> Option<(bool, u64, usize)> {
-    let negative = bytes.get(pos) == Some(&b'-');
-    let digits_at = pos + usize::from(negative);
-    let (magnitude, count) = parse_digits(bytes, digits_at)?;
-    if count == 0 || (count > 1 && bytes[digits_at] == b'0') {
-        return None;
-    }
-    let end = digits_at + count;
-    // `-0` is rejected: JSON readers disagree on it (serde_json, the test suite's
-    // reference, reads it as the float -0.0), and no real date or phone is written so.
-    if matches!(bytes.get(end), Some(b'.' | b'e' | b'E')) || (negative && magnitude == 0) {
-        return None;
-    }
-    Some((negative, magnitude, end))
-}
-
-#[inline(always)]
-fn phone_at(bytes: &[u8], pos: usize) -> Option<(u64, usize)> {
-    match json_integer(bytes, pos)? {
-        (false, value, end) => Some((value, end)),
-        (true, _, _) => None,
-    }
-}
-
-#[inline(always)]
-fn date_at(bytes: &[u8], pos: usize) -> Option<(i64, usize)> {
-    let (negative, magnitude, end) = json_integer(bytes, pos)?;
-    let value = if negative { 0i64.checked_sub_unsigned(magnitude)? } else { i64::try_from(magnitude).ok()? };
-    Some((value, end))
-}
+pub use lex::{Field, Record, skip_ws};
+pub(crate) use malformed::Scan;
 
 /// What indexing needs of a record: its phone and whether its duration is negative.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

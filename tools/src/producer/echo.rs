@@ -1,7 +1,7 @@
 //! The broker baseline: a bare consumer answering every task like the service does
 //! (publisher confirm, then ack), without computing anything.
 
-use super::{Client, ClientError, amqp, persistent_json};
+use super::client::{Client, ClientError, amqp, persistent_json};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};

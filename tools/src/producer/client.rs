@@ -1,10 +1,6 @@
-//! The client side: sending tasks, the starting service's sample tasks, a load test
-//! with latency percentiles, and a bare echo consumer that measures what the broker
-//! alone can do. Used by the `producer` binary and by the tests.
-//!
-//! Clients declare the task queue exactly as the starting service's clients did (plain
-//! durable, no arguments) and receive replies on their own exclusive, server-named queue.
-//! The load test lives in `load`, the echo baseline in `echo`.
+//! The producer's connection: a confirm-mode channel on one of the broker's nodes, the
+//! task queue declared as the starting service's clients declare it, task bodies, and
+//! how a reply is matched to its task.
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -54,15 +50,18 @@ pub enum ClientError {
     Timeout(Duration),
 }
 
-fn amqp(operation: &'static str) -> impl FnOnce(lapin::Error) -> ClientError {
+pub(super) fn amqp(operation: &'static str) -> impl FnOnce(lapin::Error) -> ClientError {
     move |source| ClientError::Amqp { operation, source }
 }
 
 /// A connection with a confirm-mode channel, the task queue declared.
 pub struct Client {
-    connection: Connection,
-    channel: Channel,
-    task_queue: ShortString,
+    /// The connection, for the echo consumer's own channel.
+    pub(super) connection: Connection,
+    /// The confirm-mode channel tasks are published on.
+    pub(super) channel: Channel,
+    /// The task queue.
+    pub(super) task_queue: ShortString,
 }
 
 impl Client {
@@ -144,7 +143,7 @@ impl Client {
 }
 
 /// The properties of every message the producer sends: persistent JSON.
-fn persistent_json() -> BasicProperties {
+pub(super) fn persistent_json() -> BasicProperties {
     BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2)
 }
 
@@ -188,7 +187,7 @@ pub async fn send_one(
 
 /// The integer correlation id of a reply, read from its AMQP property (set on every
 /// report) or, failing that, its body.
-fn reply_id(delivery: &Delivery) -> Option<u64> {
+pub(super) fn reply_id(delivery: &Delivery) -> Option<u64> {
     if let Some(id) = delivery.properties.correlation_id() {
         return id.as_str().parse().ok();
     }
@@ -199,14 +198,6 @@ fn reply_id(delivery: &Delivery) -> Option<u64> {
 pub fn is_error_report(body: &[u8]) -> bool {
     sonic_rs::get_from_slice(body, &["status"]).ok().and_then(|s| s.as_str().map(|s| s == "Error")).unwrap_or(false)
 }
-
-mod echo;
-mod freshness;
-mod load;
-
-pub use echo::echo;
-pub use freshness::{Freshness, FreshnessError, FreshnessOptions, freshness};
-pub use load::{Latency, LoadOptions, LoadSummary, load};
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,7 @@
 //! The load test: keeps C tasks in flight, matches replies by correlation id, and
 //! measures each task from publish to reply.
 
-use super::{Client, ClientError, amqp, is_error_report, persistent_json, reply_id, task_body};
+use super::client::{Client, ClientError, amqp, is_error_report, persistent_json, reply_id, task_body};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use lapin::options::{BasicPublishOptions, BasicQosOptions};

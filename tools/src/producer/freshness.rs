@@ -5,7 +5,7 @@
 //! after the rename; the first report whose record count for it differs from the count
 //! before marks the segment as served. The resolution is one task's round trip.
 
-use super::{Client, ClientError, reply_id, task_body};
+use super::client::{Client, ClientError, reply_id, task_body};
 use futures_util::StreamExt;
 use sonic_rs::JsonValueTrait;
 use std::path::PathBuf;
