@@ -513,6 +513,37 @@ mod tests {
         assert_eq!(redact("amqp://svc:p@ss@rabbit:5672/%2f"), "amqp://svc:***@rabbit:5672/%2f");
     }
 
+    /// A cluster's nodes as one list: each URL checked, an error names the bad one's
+    /// position, and no password of any of them shows anywhere.
+    #[test]
+    fn a_list_of_urls_is_checked_entry_by_entry_without_showing_a_password() {
+        let list = "amqp://u:s3cretA@a:5674/q, amqp://u:s3cretB@b:5675/q,amqp://u:s3cretC@c:5676/q";
+        let c = config(&[("AMQP_URL", list)]).unwrap();
+        assert_eq!(c.amqp_urls.len(), 3);
+        assert_eq!(c.amqp_urls.urls()[1].expose(), "amqp://u:s3cretB@b:5675/q");
+        let shown = format!("{c:?} {}", c.amqp_urls);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("amqp://u:***@c:5676/q"), "{shown}");
+        for (bad, position) in [
+            ("amqp://u:s3cretA@a/q,http://u:s3cretB@b/q", "URL 2 of 2"),
+            ("amqp://u:s3cretA@a/q,,amqp://u:s3cretC@c/q", "URL 2 of 3"),
+            ("amqp://u:s3cretA@a/q?frame_max=0,amqp://u:s3cretB@b/q", "URL 1 of 2"),
+        ] {
+            let err = config(&[("AMQP_URL", bad)]).unwrap_err();
+            assert_eq!(err.variable, "AMQP_URL");
+            assert!(err.expected.starts_with(position), "{err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_queue_type_is_classic_or_quorum() {
+        assert_eq!(config(&[]).unwrap().queue_type, QueueType::Classic);
+        assert_eq!(config(&[("QUEUE_TYPE", "quorum")]).unwrap().queue_type, QueueType::Quorum);
+        let err = config(&[("QUEUE_TYPE", "stream")]).unwrap_err();
+        assert_eq!(err.to_string(), "invalid QUEUE_TYPE=\"stream\": expected classic or quorum");
+    }
+
     #[test]
     fn every_number_has_a_range_and_the_error_names_it() {
         for (variable, low, high) in [

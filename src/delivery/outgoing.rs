@@ -19,7 +19,9 @@
 //! A dead-letter copy adds `x-rejection-reason`, `x-rejection-detail`, `x-rejected-at`,
 //! `x-rejected-by`, `x-original-queue`, `x-original-exchange`, `x-original-routing-key`,
 //! `x-original-redelivered` and, after retries, [`ATTEMPTS_HEADER`]; a retry copy sets
-//! [`ATTEMPTS_HEADER`]. Original headers nested deeper than [`MAX_HEADER_DEPTH`] or
+//! [`ATTEMPTS_HEADER`]; a renewed copy (a redelivered task put back fresh, so a quorum
+//! queue's delivery limit never drops it) is a retry copy that keeps the attempts it had.
+//! Neither carries `CC`, `BCC` or the queue's `x-delivery-count`. Original headers nested deeper than [`MAX_HEADER_DEPTH`] or
 //! larger than [`MAX_HEADER_BYTES`] are not copied (`x-original-headers-dropped` says
 //! why): the copy must fit in one AMQP frame, and walking a table must never recurse
 //! without bound.
@@ -102,6 +104,9 @@ pub enum Purpose<'a> {
         /// Attempts failed so far, this one included.
         attempts: u32,
     },
+    /// A redelivered task's fresh copy for its own queue: as a retry copy, its attempts
+    /// unchanged.
+    Renew,
 }
 
 /// A property of the AMQP basic class.
@@ -136,7 +141,8 @@ pub enum Fate {
 }
 
 /// The rules of every copy: each property's fate in a dead-letter copy and in a retry
-/// copy (the table in the module's documentation). `delivery_mode` is then set to 2.
+/// copy (the table in the module's documentation; a renewed copy follows the retry
+/// column). `delivery_mode` is then set to 2.
 pub const RULES: [(Property, Fate, Fate); 14] = [
     (Property::ContentType, Fate::Keep, Fate::Keep),
     (Property::ContentEncoding, Fate::Keep, Fate::Keep),
@@ -154,8 +160,9 @@ pub const RULES: [(Property, Fate, Fate); 14] = [
     (Property::ClusterId, Fate::Under("x-original-cluster-id"), Fate::Drop),
 ];
 
-/// Headers a retry copy leaves out: the broker routes on them.
-const ROUTING_HEADERS: [&str; 2] = ["CC", "BCC"];
+/// Headers a retry or renewed copy leaves out: the broker routes on `CC` and `BCC`, and
+/// owns `x-delivery-count` (a quorum queue's count of the original's deliveries).
+const BROKER_HEADERS: [&str; 3] = ["CC", "BCC", "x-delivery-count"];
 
 /// An original's headers, as a copy can take them.
 #[derive(Debug, Clone)]
@@ -268,6 +275,7 @@ where
             }
         }
         Purpose::Retry { attempts } => draft.header(ATTEMPTS_HEADER, HeaderValue::Long(i64::from(attempts))),
+        Purpose::Renew => {}
     }
     draft.finish()
 }
@@ -284,7 +292,7 @@ where
         (Headers::Table(table), Fate::Under(key)) => draft.header(key, HeaderValue::Table(table)),
         (Headers::Table(table), _) => {
             for (name, value) in O::fields(table) {
-                if !ROUTING_HEADERS.contains(&name.as_str()) {
+                if !BROKER_HEADERS.contains(&name.as_str()) {
                     draft.header(&name, HeaderValue::Field(value));
                 }
             }
@@ -602,6 +610,12 @@ pub fn retry_properties(original: &BasicProperties, attempts: u32) -> BasicPrope
     copy::<_, _, _, LapinDraft>(original, Purpose::Retry { attempts })
 }
 
+/// The fresh copy of a redelivered task: as the retry copy, its attempts unchanged and
+/// without the queue's delivery count.
+pub fn renewed_properties(original: &BasicProperties) -> BasicProperties {
+    copy::<_, _, _, LapinDraft>(original, Purpose::Renew)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -726,6 +740,21 @@ mod tests {
         );
         assert_eq!(copied.get(ATTEMPTS_HEADER), Some(&AMQPValue::LongLongInt(2)));
         assert_eq!(copied.len(), 3);
+    }
+
+    #[test]
+    fn a_renewed_copy_keeps_the_attempts_and_drops_the_delivery_count() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
+        headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(2));
+        headers.insert("trace".into(), AMQPValue::LongString("t".into()));
+        let copy = renewed_properties(&full_original(headers));
+        let copied = copy.headers().as_ref().unwrap().inner();
+        assert_eq!(copied.get(ATTEMPTS_HEADER), Some(&AMQPValue::LongLongInt(2)));
+        assert!(!copied.contains_key("x-delivery-count"));
+        assert_eq!(copied.get("trace"), Some(&AMQPValue::LongString("t".into())));
+        assert_eq!(copy.reply_to().as_ref().map(|s| s.as_str()), Some("replies"));
+        assert_eq!((copy.expiration(), *copy.delivery_mode()), (&None, Some(2)));
     }
 
     #[test]

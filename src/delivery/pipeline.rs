@@ -185,6 +185,19 @@ impl Pipeline {
 
     async fn handle_in_span(&self, delivery: Delivery, publisher: &Publisher) -> Result<(), SessionBroken> {
         let _in_flight = InFlight::new(&self.metrics);
+        if retry::delivery_count(&delivery.properties) >= retry::RENEW_AT_DELIVERY_COUNT {
+            match self.renew(&delivery, publisher).await {
+                Ok(()) => return Ok(()),
+                Err(error) if error.breaks_session() => {
+                    // The session is going away; if this nack fails too, closing the
+                    // channel requeues the delivery all the same.
+                    let _ = broker::requeue(&delivery).await;
+                    return Err(SessionBroken(error.to_string()));
+                }
+                // The task queue refused the copy (e.g. full): answer this delivery as it is.
+                Err(error) => debug!(%error, "cannot renew a redelivered task; handling it as it is"),
+            }
+        }
         let received = Received { at: SystemTime::now(), started: Instant::now() };
         let result = match AssertUnwindSafe(self.process(&delivery, publisher, received)).catch_unwind().await {
             Ok(result) => result,
@@ -340,6 +353,25 @@ impl Pipeline {
         let properties = outgoing::dead_letter_properties(&delivery.properties, origin, &reason);
         publisher.publish_to_own(&self.topology.dead_letter_queue, &delivery.data, properties).await?;
         self.metrics.dead_lettered_as(code, 1);
+        Ok(())
+    }
+
+    /// Puts a redelivered task back at the tail of the task queue as a fresh copy
+    /// (publisher-confirmed), then acks the redelivery: a queue that counts deliveries (a
+    /// quorum queue, whose delivery limit drops a message redelivered too often) starts
+    /// counting it again from zero. Its attempts (`x-attempts`) are kept, so failures are
+    /// still counted by the retry policy; only interruptions (lost sessions, shutdowns,
+    /// sweeps) are forgiven.
+    async fn renew(&self, delivery: &Delivery, publisher: &Publisher) -> Result<(), BrokerError> {
+        let properties = outgoing::renewed_properties(&delivery.properties);
+        publisher.publish_to_own(&self.topology.task_queue, &delivery.data, properties).await?;
+        broker::ack(delivery).await?;
+        self.metrics.task(Outcome::Renewed);
+        info!(
+            delivery_tag = delivery.delivery_tag,
+            delivery_count = retry::delivery_count(&delivery.properties),
+            "redelivered task put back as a fresh copy, so the queue's delivery limit never drops it"
+        );
         Ok(())
     }
 

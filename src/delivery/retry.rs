@@ -92,10 +92,30 @@ pub fn queue_arguments(task_queue: &str, delay: Duration) -> FieldTable {
     arguments
 }
 
+/// The header a quorum queue sets on a redelivery: how often it was delivered before.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// A redelivery whose [`DELIVERY_COUNT_HEADER`] is at least this is renewed (put back as a
+/// fresh copy) before it is handled. Quorum queues drop (or dead-letter) a message after
+/// a delivery limit, 20 by default in RabbitMQ 4.x and any number by policy; the service
+/// cannot see that limit, so it renews at the first redelivery and the count never
+/// grows. Classic queues set no count: nothing changes there.
+pub const RENEW_AT_DELIVERY_COUNT: u32 = 1;
+
+/// How often the queue says a message was delivered before (0 without the header).
+pub fn delivery_count(properties: &BasicProperties) -> u32 {
+    integer_header(properties, DELIVERY_COUNT_HEADER)
+}
+
 /// Failed attempts recorded on a message: its [`ATTEMPTS_HEADER`] when that is a
 /// non-negative integer, else 0.
 pub fn attempts_of(properties: &BasicProperties) -> u32 {
-    let Some(value) = properties.headers().as_ref().and_then(|h| h.inner().get(ATTEMPTS_HEADER)) else {
+    integer_header(properties, ATTEMPTS_HEADER)
+}
+
+/// Header `name` as a non-negative integer of any AMQP integer type, else 0.
+fn integer_header(properties: &BasicProperties, name: &str) -> u32 {
+    let Some(value) = properties.headers().as_ref().and_then(|h| h.inner().get(name)) else {
         return 0;
     };
     let n: i128 = match value {
@@ -154,6 +174,19 @@ mod tests {
         assert_eq!(attempts_of(&with(AMQPValue::LongLongInt(-4))), 0);
         assert_eq!(attempts_of(&with(AMQPValue::LongLongInt(i64::MAX))), u32::MAX);
         assert_eq!(attempts_of(&with(AMQPValue::LongString("3".into()))), 0);
+    }
+
+    #[test]
+    fn a_quorum_queues_delivery_count_is_read_and_absent_means_zero() {
+        let with = |value: AMQPValue| {
+            let mut headers = FieldTable::default();
+            headers.insert(DELIVERY_COUNT_HEADER.into(), value);
+            BasicProperties::default().with_headers(headers)
+        };
+        assert_eq!(delivery_count(&BasicProperties::default()), 0);
+        assert_eq!(delivery_count(&with(AMQPValue::LongLongInt(1))), 1);
+        assert_eq!(delivery_count(&with(AMQPValue::LongInt(20))), 20);
+        assert_eq!(attempts_of(&with(AMQPValue::LongLongInt(7))), 0, "a delivery count is no attempt");
     }
 
     #[test]

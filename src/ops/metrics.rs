@@ -28,6 +28,8 @@ pub enum Outcome {
     RetriesExhausted,
     /// The session failed under the task; it was requeued.
     Requeued,
+    /// A redelivery from a queue that counts deliveries, put back as a fresh copy.
+    Renewed,
     /// The channel died before the task could be settled; the broker redelivers it.
     Abandoned,
 }
@@ -42,6 +44,7 @@ impl Outcome {
             Outcome::Retried => "retried",
             Outcome::RetriesExhausted => "retries_exhausted",
             Outcome::Requeued => "requeued",
+            Outcome::Renewed => "renewed",
             Outcome::Abandoned => "abandoned",
         }
     }

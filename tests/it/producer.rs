@@ -10,11 +10,11 @@ use report_tools::producer::{self, Client as Producer, LoadOptions};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use support::amqp::{AMQP_URL, Client, Names, data_file, expected_data, next_json};
+use support::amqp::{Client, Names, amqp_url, data_file, expected_data, next_json};
 use support::start_service;
 
 fn url() -> AmqpAddresses {
-    AmqpAddresses::parse(AMQP_URL).unwrap()
+    AmqpAddresses::parse(amqp_url()).unwrap()
 }
 
 fn producer_command(names: &Names) -> Command {

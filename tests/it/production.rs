@@ -26,7 +26,7 @@ fn permissions(names: &Names) -> (String, String, String) {
     // rabbitmqctl set_permissions -p '/' 'guest' 'C' 'W' 'R'
     let quoted: Vec<&str> = line.trim().split('\'').skip(1).step_by(2).collect();
     assert_eq!(quoted.len(), 5, "{line}");
-    assert_eq!((quoted[0], quoted[1]), ("/", "guest"));
+    assert_eq!((quoted[0], quoted[1]), (support::amqp::vhost(), "guest"));
     (quoted[2].to_owned(), quoted[3].to_owned(), quoted[4].to_owned())
 }
 
@@ -64,6 +64,7 @@ async fn the_printed_minimum_permissions_are_enough_for_every_path() {
     let (report, _) = next_json(&mut reports).await;
     assert_eq!((report["correlation_id"].as_u64(), &report["data"]), (Some(3), &expected_data(&records, &[4])));
 
+    client.cancel(reports).await;
     let full = Policy::rejecting_publishes(&names.reports).await;
     client.send(&task(4, &[1])).await;
     let mut reasons = Vec::new();

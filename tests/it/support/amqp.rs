@@ -21,7 +21,52 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub(crate) const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The broker the tests use: `TEST_AMQP_URL` (README, "Tests"), or RabbitMQ on
+/// 127.0.0.1:5672 as guest/guest. Its user needs to be an administrator: the tests add
+/// users and policies.
+pub(crate) fn amqp_url() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        std::env::var("TEST_AMQP_URL")
+            .ok()
+            .filter(|url| !url.trim().is_empty())
+            .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+    })
+}
+
+/// The test broker's parsed URL.
+fn test_broker() -> &'static lapin::uri::AMQPUri {
+    static URI: std::sync::OnceLock<lapin::uri::AMQPUri> = std::sync::OnceLock::new();
+    URI.get_or_init(|| amqp_url().parse().unwrap_or_else(|e| panic!("TEST_AMQP_URL is not an AMQP URL: {e}")))
+}
+
+/// `host:port` of the test broker (for a TCP proxy in front of it).
+pub(crate) fn broker_address() -> &'static str {
+    static ADDRESS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ADDRESS.get_or_init(|| format!("{}:{}", test_broker().authority.host, test_broker().authority.port))
+}
+
+/// The test broker's virtual host (for `rabbitmqctl -p`).
+pub(crate) fn vhost() -> &'static str {
+    &test_broker().vhost
+}
+
+/// The test broker's URL for another user.
+pub(crate) fn url_for(user: &str, password: &str) -> String {
+    format!("amqp://{user}:{password}@{}/{}", broker_address(), vhost_path())
+}
+
+/// The test broker's user and vhost reached through `host_port` (a proxy, a TLS
+/// listener) with `scheme`.
+pub(crate) fn url_through(scheme: &str, host_port: &str) -> String {
+    let user = &test_broker().authority.userinfo;
+    format!("{scheme}://{}:{}@{host_port}/{}", user.username, user.password, vhost_path())
+}
+
+/// The vhost as a URL path segment (`/` is `%2f`).
+fn vhost_path() -> String {
+    vhost().bytes().map(|b| if b == b'/' { "%2f".to_owned() } else { (b as char).to_string() }).collect()
+}
 /// How long a test waits for any single expected message.
 pub(crate) const WAIT: Duration = Duration::from_secs(60);
 
@@ -83,7 +128,7 @@ impl Names {
     /// The service settings for these queues.
     pub(crate) fn vars(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("AMQP_URL", AMQP_URL.to_owned()),
+            ("AMQP_URL", amqp_url().to_owned()),
             ("TASK_QUEUE", self.tasks.clone()),
             ("REPORT_QUEUE", self.reports.clone()),
             ("DEAD_LETTER_QUEUE", self.dlq.clone()),
@@ -103,7 +148,7 @@ impl Drop for Cleanup {
         let _ = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
             runtime.block_on(async {
-                let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await else {
+                let Ok(connection) = Connection::connect(amqp_url(), ConnectionProperties::default()).await else {
                     return;
                 };
                 if let Ok(channel) = connection.create_channel().await {
@@ -138,7 +183,7 @@ impl Client {
     /// arguments (as an operator's infrastructure tool might).
     pub(crate) async fn with_arguments(names: &Names, reports: FieldTable, dlq: FieldTable) -> Client {
         let connection =
-            Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("broker reachable");
+            Connection::connect(amqp_url(), ConnectionProperties::default()).await.expect("broker reachable");
         let channel = connection.create_channel().await.expect("channel");
         channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
@@ -179,6 +224,12 @@ impl Client {
             .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .expect("consume")
+    }
+
+    /// Stops `consumer` (a queue that must stay full cannot have a consumer emptying it).
+    pub(crate) async fn cancel(&self, consumer: Consumer) {
+        let options = lapin::options::BasicCancelOptions::default();
+        self.channel.basic_cancel(consumer.tag(), options).await.expect("basic.cancel");
     }
 
     /// An exclusive, server-named queue for `reply_to`.
@@ -241,18 +292,40 @@ pub(crate) fn note(seen: &mut Seen, report: serde_json::Value, check: impl Fn(&s
     seen.entry(report["correlation_id"].to_string()).or_insert((report, 0)).1 += 1;
 }
 
-/// Runs `rabbitmqctl` with `args`: the local one (CI), or the one in the compose
-/// stack's broker container when only Docker is installed.
+/// The command that runs `rabbitmqctl` against the test broker: `TEST_RABBITMQCTL` (words
+/// separated by blanks, e.g. `scripts/rabbitmq4 ctl a`), else `rabbitmqctl` on the PATH,
+/// else the one in the compose stack's `rabbitmq` container (Compose v2 or v1).
+fn rabbitmqctl_command() -> &'static [String] {
+    static COMMAND: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    COMMAND.get_or_init(|| {
+        let words = |text: &str| text.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        if let Ok(command) = std::env::var("TEST_RABBITMQCTL")
+            && !command.trim().is_empty()
+        {
+            return words(&command);
+        }
+        let runs = |program: &str, args: &[&str]| {
+            std::process::Command::new(program).args(args).output().is_ok_and(|out| out.status.success())
+        };
+        if std::process::Command::new("rabbitmqctl").arg("help").output().is_ok() {
+            words("rabbitmqctl")
+        } else if runs("docker", &["compose", "version"]) {
+            words("docker compose exec -T rabbitmq rabbitmqctl")
+        } else {
+            words("docker-compose exec -T rabbitmq rabbitmqctl")
+        }
+    })
+}
+
+/// Runs `rabbitmqctl` with `args` against the test broker (see [`rabbitmqctl_command`]).
 pub(crate) fn rabbitmqctl(args: &[&str]) -> std::process::Output {
-    let local = std::process::Command::new("rabbitmqctl").args(args).output();
-    match local {
-        Ok(output) => output,
-        Err(_) => std::process::Command::new("docker")
-            .args(["compose", "exec", "-T", "rabbitmq", "rabbitmqctl"])
-            .args(args)
-            .output()
-            .expect("rabbitmqctl, locally or in the compose stack's rabbitmq container"),
-    }
+    let command = rabbitmqctl_command();
+    std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?} (set TEST_RABBITMQCTL): {e}"))
 }
 
 /// Closes the broker connection whose client-provided name contains `name`, through
@@ -332,33 +405,70 @@ pub(crate) fn rabbitmqctl_ok(args: &[&str]) -> String {
 }
 
 /// A broker policy applied to exactly one queue while it lives.
-pub(crate) struct Policy(String);
+pub(crate) struct Policy {
+    name: String,
+    /// A queue to purge before the policy goes (a filler that kept it full).
+    purge: Option<String>,
+}
 
 impl Policy {
     pub(crate) fn on_queue(queue: &str, definition: &str) -> Policy {
         let name = format!("test-policy-{queue}");
         let pattern = format!("^{}$", queue.replace('.', "\\."));
-        rabbitmqctl_ok(&["-q", "set_policy", "--apply-to", "queues", "--priority", "100", &name, &pattern, definition]);
-        Policy(name)
+        rabbitmqctl_ok(&[
+            "-q",
+            "set_policy",
+            "-p",
+            vhost(),
+            "--apply-to",
+            "queues",
+            "--priority",
+            "100",
+            &name,
+            &pattern,
+            definition,
+        ]);
+        Policy { name, purge: None }
     }
 
     /// `queue` refuses every publish (`max-length` 0, `reject-publish`): the broker nacks
-    /// whatever is sent to it. Applied off the async runtime (`rabbitmqctl` blocks).
+    /// whatever is sent to it. A classic queue refuses the first message already; a
+    /// quorum queue takes one message before it counts as full, so a filler is sent
+    /// first (and purged when the policy goes): the queue must have no consumer then.
+    /// Applied off the async runtime (`rabbitmqctl` blocks).
     pub(crate) async fn rejecting_publishes(queue: &str) -> Policy {
-        let queue = queue.to_owned();
-        tokio::task::spawn_blocking(move || Policy::on_queue(&queue, r#"{"max-length":0,"overflow":"reject-publish"}"#))
+        let name = queue.to_owned();
+        let mut policy =
+            tokio::task::spawn_blocking(move || Policy::on_queue(&name, r#"{"max-length":0,"overflow":"reject-publish"}"#))
+                .await
+                .expect("set the policy");
+        let connection = Connection::connect(amqp_url(), ConnectionProperties::default()).await.expect("broker");
+        let channel = connection.create_channel().await.expect("channel");
+        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+        let filler = BasicProperties::default().with_app_id("test filler".into());
+        let confirm = channel
+            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), b"filler", filler)
             .await
-            .expect("set the policy")
+            .expect("publish the filler");
+        if matches!(confirm.await.expect("confirm"), lapin::Confirmation::Ack(_)) {
+            policy.purge = Some(queue.to_owned());
+        }
+        let _ = connection.close(200, "filler sent".into()).await;
+        policy
     }
 }
 
 impl Drop for Policy {
     fn drop(&mut self) {
-        let _ = rabbitmqctl(&["-q", "clear_policy", &self.0]);
+        if let Some(queue) = &self.purge {
+            // While the policy holds, the filler is all the queue can hold.
+            let _ = rabbitmqctl(&["-q", "purge_queue", "-p", vhost(), queue]);
+        }
+        let _ = rabbitmqctl(&["-q", "clear_policy", "-p", vhost(), &self.name]);
     }
 }
 
-/// A second broker user on `/` while it lives.
+/// A second broker user on the test vhost while it lives.
 pub(crate) struct BrokerUser {
     pub name: String,
     pub password: String,
@@ -377,12 +487,12 @@ impl BrokerUser {
         // A leftover of a killed run; absent as a rule.
         let _ = rabbitmqctl(&["-q", "delete_user", &name]);
         rabbitmqctl_ok(&["-q", "add_user", &name, &password]);
-        rabbitmqctl_ok(&["-q", "set_permissions", "-p", "/", &name, configure, write, read]);
+        rabbitmqctl_ok(&["-q", "set_permissions", "-p", vhost(), &name, configure, write, read]);
         BrokerUser { name, password }
     }
 
     pub(crate) fn url(&self) -> String {
-        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
+        url_for(&self.name, &self.password)
     }
 }
 
@@ -425,7 +535,7 @@ pub(crate) fn break_channel_of(name: &str, pick: impl Fn(&[u32]) -> u32) -> u32 
 
 /// Publishes with the minimal raw client: properties lapin itself cannot even express.
 pub(crate) async fn publish_raw(queue: &str, properties: RawProperties, body: &[u8]) {
-    let url = AmqpUrl::parse(AMQP_URL).unwrap();
+    let url = AmqpUrl::parse(amqp_url()).unwrap();
     let mut raw = raw::connect(&url, &TlsSettings::system_only(), "test raw publisher").await.expect("raw connect");
     assert_eq!(raw.publish(queue.as_bytes(), &properties, body).await.expect("publish"), RawConfirm::Queued);
     raw.close().await;

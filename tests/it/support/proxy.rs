@@ -35,7 +35,7 @@ impl Proxy {
     }
 
     pub(crate) fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        super::amqp::url_through("amqp", &format!("127.0.0.1:{}", self.port))
     }
 
     /// From now on, bytes are held, not forwarded.

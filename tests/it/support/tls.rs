@@ -118,7 +118,7 @@ impl TlsListener {
                 tokio::spawn(async move {
                     let Ok(mut tls) = acceptor.accept(client).await else { return };
                     counted.fetch_add(1, Ordering::SeqCst);
-                    let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await else { return };
+                    let Ok(mut broker) = TcpStream::connect(super::amqp::broker_address()).await else { return };
                     // Ends when either side closes; an error is that side's business.
                     let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
                 });
@@ -129,7 +129,7 @@ impl TlsListener {
 
     /// `amqps://guest:guest@localhost:<port>/%2f`.
     pub(crate) fn url(&self) -> String {
-        format!("amqps://guest:guest@localhost:{}/%2f", self.port)
+        super::amqp::url_through("amqps", &format!("localhost:{}", self.port))
     }
 
     /// Completed TLS handshakes so far.
