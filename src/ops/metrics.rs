@@ -292,6 +292,11 @@ impl Metrics {
         }
     }
 
+    /// The node (`host:port`) the consumer is attached to now, if any.
+    pub fn broker_node_now(&self) -> Option<String> {
+        self.connected_node.lock().clone()
+    }
+
     /// A counter's current value, for tests and logs.
     pub fn tasks_with(&self, outcome: Outcome) -> u64 {
         self.tasks.get_or_create(&OutcomeLabel { outcome }).get()

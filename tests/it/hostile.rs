@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::amqp::{
-    self, BrokerUser, Client, Names, Policy, WAIT, collect, data_file, drain_queue, expected_data, header_text,
-    next_json, publish_raw, ready_messages,
+    self, BrokerUser, Client, Names, Policy, WAIT, close_connection_named, collect, data_file, drain_queue,
+    expected_data, header_text, next_json, publish_raw, ready_messages,
 };
 use support::worker::{READY, Worker, http_get};
 use support::{start_service, task};
@@ -468,4 +468,59 @@ async fn sigterm_with_a_broker_that_stopped_answering_exits_zero_within_the_time
     amqp::note(&mut seen, first, check);
     amqp::collect_into(&mut reports, &mut seen, tasks as usize, check).await;
     service.stop().await.unwrap();
+}
+
+/// Quorum queues drop (or dead-letter) a message redelivered more often than their
+/// delivery limit (20 by default in RabbitMQ 4.x; here 2, set by policy). A task whose
+/// session is lost under it four times in a row (its connection closed while it waits
+/// for the held worker pool) would be gone after the third; the service renews a
+/// redelivered task as a fresh copy before handling it, so it is answered once the pool
+/// is free, and nothing is dead-lettered.
+#[tokio::test]
+async fn a_quorum_queues_delivery_limit_never_drops_a_task_interrupted_again_and_again() {
+    let names = Names::unique("limit");
+    let dir = tempfile::tempdir().unwrap();
+    // 1,000 records a phone: a miss is computed on the pool, not inline.
+    let (data, records) = data_file(dir.path(), 10, 1_000);
+    let client = Client::quorum(&names).await;
+    let tasks = names.tasks.clone();
+    let _limit =
+        tokio::task::spawn_blocking(move || Policy::on_queue(&tasks, r#"{"delivery-limit":2}"#)).await.unwrap();
+    let settings = [("QUEUE_TYPE", "quorum"), ("WORKER_THREADS", "1")];
+    let service = start_service(&names, &data, dir.path(), &settings, Arc::new(SystemClock)).await;
+    health_until(&service, HealthState::ready).await;
+    // The pool's one thread is held: every attempt at the task waits, in flight.
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    service.engine().pool().spawn(move || {
+        let _ = held.recv();
+    });
+    let mut reports = client.consume(&names.reports).await;
+    client.send(&task(5, &[1, 2])).await;
+    let metrics = Arc::clone(service.metrics());
+    let in_flight = |n: i64| {
+        let metrics = Arc::clone(&metrics);
+        async move {
+            let deadline = Instant::now() + WAIT;
+            while metrics.tasks_in_flight.get() < n {
+                assert!(Instant::now() < deadline, "no attempt {n} in flight");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    for attempt in 1..=4 {
+        // Attempts of dead sessions stay in flight, waiting for the pool too.
+        in_flight(attempt).await;
+        let tasks = names.tasks.clone();
+        let closed = tokio::task::spawn_blocking(move || close_connection_named(&tasks)).await.unwrap();
+        assert_eq!(closed, 1, "the service's connection");
+        health_until(&service, |s| s.consumer_attached && s.sessions > attempt as u64).await;
+    }
+    in_flight(5).await;
+    release.send(()).unwrap();
+    let (report, _) = next_json(&mut reports).await;
+    assert_eq!((report["correlation_id"].as_u64(), &report["data"]), (Some(5), &expected_data(&records, &[1, 2])));
+    service.stop().await.unwrap();
+    assert_eq!(metrics.tasks_with(Outcome::Renewed), 4, "each redelivery renewed");
+    assert_eq!(drain_queue(&client.channel, &names.dlq).await.len(), 0, "nothing dead-lettered");
+    assert_eq!(drain_queue(&client.channel, &names.tasks).await.len(), 0, "nothing left behind");
 }

@@ -6,6 +6,7 @@
 //! the one that restarts the broker waits for the broker to itself (`support::broker`).
 
 mod architecture;
+mod cluster;
 mod datagen;
 mod differential;
 mod faults;

@@ -184,3 +184,60 @@ async fn a_file_rewritten_in_place_is_never_read_through_the_old_index() {
     let retried = metrics.tasks_with(report_service::ops::metrics::Outcome::Retried);
     assert!(retried >= 1, "the stale attempt was retried later");
 }
+
+/// Three replicas consume one queue and share one snapshot file (as `docker compose up
+/// --scale report-service=3` runs them) while data.json is replaced under them. Each
+/// writes the snapshot whole and atomically, the last writer wins; a fresh instance
+/// restored from it serves the new file's statistics from its cache, and never one of
+/// the old file's.
+#[tokio::test]
+async fn three_replicas_sharing_a_snapshot_while_the_data_is_replaced_restore_correct_answers() {
+    let names = Names::unique("replicas");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.json");
+    std::fs::write(&data, uniform_file(20, 10, 10)).unwrap();
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let fast = [("DATA_POLL_INTERVAL_MS", "20")];
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(start_service(&names, &data, dir.path(), &fast, Arc::new(SystemClock)).await);
+    }
+    let phones = |i: u64| [i % 20, (i * 7 + 3) % 20];
+    for i in 0..30 {
+        client.send(&task(i, &phones(i))).await;
+    }
+    let seen = collect(&mut reports, 30, |report| {
+        assert!(avg_and_count(report).iter().all(|&p| p == (10.0, 10)), "the first file: {report}");
+    })
+    .await;
+    assert_eq!(seen.len(), 30);
+
+    replace(&data, &uniform_file(20, 30, 20));
+    for replica in &replicas {
+        tokio::time::timeout(WAIT, replica.reloads().wait_for(|r| r.swapped >= 1)).await.unwrap().unwrap();
+    }
+    for i in 100..130 {
+        client.send(&task(i, &phones(i))).await;
+    }
+    collect(&mut reports, 30, |report| {
+        assert!(avg_and_count(report).iter().all(|&p| p == (20.0, 30)), "the new file: {report}");
+    })
+    .await;
+    // Stopping flushes each replica's snapshot: the last one written wins.
+    for replica in replicas {
+        replica.stop().await.unwrap();
+    }
+
+    let restarted = start_service(&names, &data, dir.path(), &fast, Arc::new(SystemClock)).await;
+    let restored = restarted.engine().cached().len();
+    assert!(restored > 0, "the shared snapshot of the new file was restored");
+    let all: Vec<u64> = (0..20).collect();
+    client.send(&task(999, &all)).await;
+    let (report, _) = next_json(&mut reports).await;
+    assert_eq!(avg_and_count(&report), vec![(20.0, 30); 20], "{report}");
+    let metrics = restarted.metrics();
+    assert_eq!(metrics.phones_with(Source::Cache), restored as u64, "every restored phone served from the cache");
+    assert_eq!(metrics.phones_with(Source::Cache) + metrics.phones_with(Source::Computed), 20);
+    restarted.stop().await.unwrap();
+}

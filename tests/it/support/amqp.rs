@@ -182,13 +182,26 @@ impl Client {
     /// [`Client::new`], the report queue and the DLQ declared with `reports` and `dlq`
     /// arguments (as an operator's infrastructure tool might).
     pub(crate) async fn with_arguments(names: &Names, reports: FieldTable, dlq: FieldTable) -> Client {
+        Client::with_all_arguments(names, FieldTable::default(), reports, dlq).await
+    }
+
+    /// [`Client::new`] with every queue a quorum queue, as `QUEUE_TYPE=quorum` declares them.
+    pub(crate) async fn quorum(names: &Names) -> Client {
+        let quorum = || {
+            let mut arguments = FieldTable::default();
+            arguments.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+            arguments
+        };
+        Client::with_all_arguments(names, quorum(), quorum(), quorum()).await
+    }
+
+    async fn with_all_arguments(names: &Names, tasks: FieldTable, reports: FieldTable, dlq: FieldTable) -> Client {
         let connection =
             Connection::connect(amqp_url(), ConnectionProperties::default()).await.expect("broker reachable");
         let channel = connection.create_channel().await.expect("channel");
         channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-        for (queue, arguments) in [(&names.tasks, FieldTable::default()), (&names.reports, reports), (&names.dlq, dlq)]
-        {
+        for (queue, arguments) in [(&names.tasks, tasks), (&names.reports, reports), (&names.dlq, dlq)] {
             channel.queue_declare(queue.as_str().into(), durable, arguments).await.expect("declare");
         }
         let cleanup =
@@ -438,10 +451,11 @@ impl Policy {
     /// Applied off the async runtime (`rabbitmqctl` blocks).
     pub(crate) async fn rejecting_publishes(queue: &str) -> Policy {
         let name = queue.to_owned();
-        let mut policy =
-            tokio::task::spawn_blocking(move || Policy::on_queue(&name, r#"{"max-length":0,"overflow":"reject-publish"}"#))
-                .await
-                .expect("set the policy");
+        let mut policy = tokio::task::spawn_blocking(move || {
+            Policy::on_queue(&name, r#"{"max-length":0,"overflow":"reject-publish"}"#)
+        })
+        .await
+        .expect("set the policy");
         let connection = Connection::connect(amqp_url(), ConnectionProperties::default()).await.expect("broker");
         let channel = connection.create_channel().await.expect("channel");
         channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
