@@ -6,7 +6,7 @@
 //! watcher, flush the snapshot, stop HTTP.
 
 use crate::config::Config;
-use crate::data::Segments;
+use crate::data::{IndexFiles, Segments};
 use crate::delivery::consumer;
 use crate::delivery::pipeline::Pipeline;
 use crate::delivery::retry::RetryPolicy;
@@ -112,7 +112,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     info!(address = %http_addr, "serving /health and /metrics");
 
     let pool = WorkerPool::new("report-worker", config.worker_threads.get()).context("cannot start the worker pool")?;
-    let data = load(&config.data_path, &pool).await?;
+    let index_files = IndexFiles::new(&config.index_dir);
+    let data = load(&config.data_path, &pool, Some(&index_files)).await?;
+    reload::record_index_origins(&data, &metrics);
     let marker = DirtyMarker::default();
     let mark = marker.clone();
     let engine = Engine::builder(data, pool.clone())
@@ -162,7 +164,16 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let serve = consumer::serve(pipeline, Arc::clone(&health), sweeper, Arc::clone(&shutdown));
     let (reload_events, reloads) = watch::channel(Reloads::default());
     let reload_pool = WorkerPool::new("report-reload", 1).context("cannot start the reload thread")?;
-    let watch = reload::Watch { path: config.data_path.clone(), every: config.data_poll_interval, pool: reload_pool };
+    // The indexes built at startup are stored for the next start, on the reload thread,
+    // once the service is up (not on the way to readiness).
+    let (served, files, index_metrics) = (engine.current().data.clone(), index_files.clone(), Arc::clone(&metrics));
+    reload_pool.spawn(move || reload::persist_indexes(&served, &files, &index_metrics));
+    let watch = reload::Watch {
+        path: config.data_path.clone(),
+        every: config.data_poll_interval,
+        pool: reload_pool,
+        index_files,
+    };
     let watcher = tokio::spawn(reload::watch_data(
         engine.clone(),
         watch,
@@ -242,7 +253,7 @@ pub async fn report_once(
     threads: std::num::NonZeroUsize,
 ) -> anyhow::Result<Vec<u8>> {
     let pool = WorkerPool::new("report-worker", threads.get()).context("cannot start the worker pool")?;
-    let data = load(data, &pool).await?;
+    let data = load(data, &pool, None).await?;
     let engine = Engine::builder(data, pool).build();
     let (received, started) = (std::time::SystemTime::now(), std::time::Instant::now());
     let answers = engine.stats(&dedup_phones(phones.iter().copied())).await?;
@@ -250,19 +261,27 @@ pub async fn report_once(
     Ok(complete_report_json(correlation_id, received, entries, || started.elapsed()))
 }
 
-/// Maps and indexes the data (a file, or a directory's segments) on the pool.
-pub async fn load(path: &Path, pool: &WorkerPool) -> anyhow::Result<Segments> {
-    let (path_buf, build_pool) = (path.to_owned(), pool.clone());
+/// Maps and indexes the data (a file, or a directory's segments) on the pool, reading
+/// each segment's index from `files` when they hold one of exactly that file.
+pub async fn load(path: &Path, pool: &WorkerPool, files: Option<&IndexFiles>) -> anyhow::Result<Segments> {
+    let (path_buf, build_pool, files) = (path.to_owned(), pool.clone(), files.cloned());
     let data = pool
-        .run(move || Segments::open(&path_buf, &build_pool))
+        .run(move || match &files {
+            Some(files) => Segments::open_persisted(&path_buf, &build_pool, files),
+            None => Segments::open(&path_buf, &build_pool),
+        })
         .await
         .context("the index build was abandoned")?
         .with_context(|| format!("cannot use DATA_PATH={}", path.display()))?;
     crate::platform::heap::release_free_memory();
     let summary = data.summary();
+    let (indexes_loaded, indexes_built, indexes_rebuilt) = data.index_origins();
     info!(
         path = %path.display(),
         segments = data.parts().len(),
+        indexes_loaded,
+        indexes_built,
+        indexes_rebuilt,
         bytes = data.identity().len,
         records = summary.records,
         phones = summary.phones,

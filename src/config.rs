@@ -26,7 +26,7 @@ pub struct Setting {
 
 /// Every setting, in README order. Defaults are stated here and nowhere else in code;
 /// each number's accepted range is in [`Config::from_vars`] and the README.
-pub const SETTINGS: [Setting; 25] = [
+pub const SETTINGS: [Setting; 26] = [
     Setting {
         variable: "AMQP_URL",
         default: Some("amqp://guest:guest@127.0.0.1:5672/%2f"),
@@ -78,6 +78,11 @@ pub const SETTINGS: [Setting; 25] = [
     },
     Setting { variable: "SNAPSHOT_PATH", default: Some("data/cache.snapshot"), help: "cache snapshot file" },
     Setting { variable: "SNAPSHOT_INTERVAL_MS", default: Some("1000"), help: "write-behind period of the snapshot" },
+    Setting {
+        variable: "INDEX_DIR",
+        default: None,
+        help: "where each data file's index is kept between starts (default: the snapshot's directory)",
+    },
     Setting {
         variable: "DATA_POLL_INTERVAL_MS",
         default: Some("2000"),
@@ -140,6 +145,9 @@ pub struct Config {
     pub snapshot_path: PathBuf,
     /// `SNAPSHOT_INTERVAL_MS`.
     pub snapshot_interval: Duration,
+    /// `INDEX_DIR`: where each data file's index is kept between starts; by default the
+    /// directory of `SNAPSHOT_PATH` (the data volume may be read-only).
+    pub index_dir: PathBuf,
     /// `DATA_POLL_INTERVAL_MS`.
     pub data_poll_interval: Duration,
     /// `PREFETCH`.
@@ -187,6 +195,16 @@ impl Config {
             cache_ttl: Duration::from_secs(get("CACHE_TTL_SECS").number(0, 31_536_000)?),
             cache_max_entries: get("CACHE_MAX_ENTRIES").positive(1, 100_000_000, usize_non_zero)?,
             snapshot_path: get("SNAPSHOT_PATH").path()?,
+            index_dir: match get("INDEX_DIR").raw {
+                Some(_) => get("INDEX_DIR").path()?,
+                None => {
+                    let snapshot = get("SNAPSHOT_PATH").path()?;
+                    snapshot
+                        .parent()
+                        .filter(|dir| !dir.as_os_str().is_empty())
+                        .map_or(PathBuf::from("."), PathBuf::from)
+                }
+            },
             snapshot_interval: Duration::from_millis(get("SNAPSHOT_INTERVAL_MS").number(10, 3_600_000)?),
             data_poll_interval: Duration::from_millis(get("DATA_POLL_INTERVAL_MS").number(10, 3_600_000)?),
             prefetch: get("PREFETCH")
@@ -376,6 +394,10 @@ mod tests {
         );
         assert_eq!((c.cache_ttl, c.cache_max_entries.get()), (Duration::from_secs(600), 100_000));
         assert_eq!(c.snapshot_interval, Duration::from_millis(1000));
+        assert_eq!(c.index_dir, PathBuf::from("data"), "beside the snapshot");
+        assert_eq!(config(&[("SNAPSHOT_PATH", "/snap/cache.snapshot")]).unwrap().index_dir, PathBuf::from("/snap"));
+        assert_eq!(config(&[("SNAPSHOT_PATH", "cache.snapshot")]).unwrap().index_dir, PathBuf::from("."));
+        assert_eq!(config(&[("INDEX_DIR", "/var/lib/idx")]).unwrap().index_dir, PathBuf::from("/var/lib/idx"));
         assert_eq!(c.data_poll_interval, Duration::from_millis(2000));
         assert_eq!((c.prefetch.get(), c.max_phones_per_task.get(), c.max_task_bytes.get()), (64, 10_000, 1_048_576));
         assert_eq!(c.http_addr, "127.0.0.1:9090".parse().unwrap());

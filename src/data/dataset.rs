@@ -1,9 +1,11 @@
 //! One version of a data file: mapped read-only, validated and indexed once
-//! ([`Dataset::open`]), then read span by span ([`Dataset::aggregate`]).
+//! ([`Dataset::open`]), or its index read back from its index file
+//! ([`Dataset::open_persisted`]), then read span by span ([`Dataset::aggregate`]).
 
 use super::error::DataError;
 use super::identity::FileIdentity;
 use super::index::{BuildShape, PhoneIndex, Span};
+use super::index_files::{IndexFiles, Stored};
 use super::mmap::Mapping;
 use super::scan::{self, PhonePrefix};
 use super::stats::{CallStats, Tally};
@@ -27,6 +29,17 @@ pub enum StaleData {
     },
 }
 
+/// How a dataset's index came to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexOrigin {
+    /// Read from its index file (see `data::index_files`).
+    Loaded,
+    /// Built by scanning the file: there was no index file, or none was asked for.
+    Built,
+    /// Built by scanning the file because its index file could not be used (why).
+    Rebuilt(String),
+}
+
 /// One version of data.json, mapped and indexed.
 #[derive(Debug)]
 pub struct Dataset {
@@ -34,6 +47,7 @@ pub struct Dataset {
     index: PhoneIndex,
     path: PathBuf,
     build_time: Duration,
+    origin: IndexOrigin,
 }
 
 impl Dataset {
@@ -46,6 +60,22 @@ impl Dataset {
     /// [`PhoneIndex::build_shaped`]); for tests of the parallel index build.
     #[doc(hidden)]
     pub fn open_with(path: &Path, pool: &WorkerPool, shape: Option<BuildShape>) -> Result<Dataset, DataError> {
+        Dataset::open_from(path, pool, shape, None)
+    }
+
+    /// [`Dataset::open`], reading the index from `files` when it holds one of exactly
+    /// this version of the file (validating nothing but the index file then: the file was
+    /// validated when the index was built); else building it (see [`Dataset::persist`]).
+    pub fn open_persisted(path: &Path, pool: &WorkerPool, files: &IndexFiles) -> Result<Dataset, DataError> {
+        Dataset::open_from(path, pool, None, Some(files))
+    }
+
+    fn open_from(
+        path: &Path,
+        pool: &WorkerPool,
+        shape: Option<BuildShape>,
+        files: Option<&IndexFiles>,
+    ) -> Result<Dataset, DataError> {
         let open_error = |source| DataError::Open { path: path.to_owned(), source };
         let file = std::fs::File::open(path).map_err(open_error)?;
         // SAFETY: the service's contract with whoever produces data.json is "replace it by
@@ -56,11 +86,32 @@ impl Dataset {
         // the reload watcher notices the new size or mtime and swaps in a fresh index.
         let mapping = unsafe { Mapping::new(file) }.map_err(open_error)?;
         let started = Instant::now();
+        let origin = match files.map(|files| files.load(path, &mapping.identity())) {
+            Some(Stored::Index(index)) => {
+                let build_time = started.elapsed();
+                return Ok(Dataset { mapping, index, path: path.to_owned(), build_time, origin: IndexOrigin::Loaded });
+            }
+            Some(Stored::Refused(why)) => IndexOrigin::Rebuilt(why.to_string()),
+            Some(Stored::Missing) | None => IndexOrigin::Built,
+        };
         let index = match shape {
             Some(shape) => PhoneIndex::build_shaped(mapping.bytes(), pool, shape)?,
             None => PhoneIndex::build(mapping.bytes(), pool)?,
         };
-        Ok(Dataset { mapping, index, path: path.to_owned(), build_time: started.elapsed() })
+        Ok(Dataset { mapping, index, path: path.to_owned(), build_time: started.elapsed(), origin })
+    }
+
+    /// How its index came to be.
+    pub fn index_origin(&self) -> &IndexOrigin {
+        &self.origin
+    }
+
+    /// Stores its index in `files` unless it was read from there; true when written.
+    pub fn persist(&self, files: &IndexFiles) -> std::io::Result<bool> {
+        if self.origin == IndexOrigin::Loaded {
+            return Ok(false);
+        }
+        files.save(&self.path, &self.mapping.identity(), &self.index).map(|()| true)
     }
 
     /// Its index.

@@ -9,6 +9,7 @@ mod dataset;
 mod error;
 mod identity;
 mod index;
+pub mod index_files;
 mod mmap;
 mod number;
 pub mod scan;
@@ -17,10 +18,14 @@ pub mod stats;
 #[cfg(test)]
 pub(crate) mod testdata;
 
-pub use dataset::{Dataset, READ_AHEAD, StaleData};
+pub use dataset::{Dataset, IndexOrigin, READ_AHEAD, StaleData};
 pub use error::DataError;
 pub use identity::{DataIdentity, FileIdentity};
-pub use index::{BuildShape, IndexSummary, MAX_FILE_LEN, MAX_RECORD_LEN, MAX_SPAN_LEN, PhoneIndex, Span};
+pub use index::{
+    BuildShape, INDEX_FORMAT_VERSION, IndexSummary, MAX_FILE_LEN, MAX_RECORD_LEN, MAX_SPAN_LEN, PhoneIndex, Span,
+    StoreError,
+};
+pub use index_files::{IndexFiles, Stored};
 pub use scan::{Expected, Field, Found, Malformed, PhonePrefix};
 pub use segments::{Segment, Segments};
 pub use stats::{CallStats, Tally};

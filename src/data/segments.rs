@@ -7,10 +7,11 @@
 //! indexed on its own, so adding one indexes only it, and [`Segments`] is an immutable
 //! set: a change makes a new set sharing the unchanged segments, swapped in whole.
 
-use super::dataset::Dataset;
+use super::dataset::{Dataset, IndexOrigin};
 use super::error::DataError;
 use super::identity::{DataIdentity, FileIdentity};
 use super::index::IndexSummary;
+use super::index_files::IndexFiles;
 use crate::platform::pool::WorkerPool;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,8 +28,21 @@ pub struct Segment {
 impl Segment {
     /// Maps and indexes `dir/name` (or the file `dir` itself when `name` is empty).
     pub fn open(dir: &Path, name: &str, pool: &WorkerPool) -> Result<Segment, DataError> {
+        Segment::open_from(dir, name, pool, None)
+    }
+
+    /// [`Segment::open`], its index read from `files` when they hold it.
+    pub fn open_persisted(dir: &Path, name: &str, pool: &WorkerPool, files: &IndexFiles) -> Result<Segment, DataError> {
+        Segment::open_from(dir, name, pool, Some(files))
+    }
+
+    fn open_from(dir: &Path, name: &str, pool: &WorkerPool, files: Option<&IndexFiles>) -> Result<Segment, DataError> {
         let path = segment_path(dir, name);
-        let dataset = Dataset::open(&path, pool).map_err(|error| {
+        let opened = match files {
+            Some(files) => Dataset::open_persisted(&path, pool, files),
+            None => Dataset::open(&path, pool),
+        };
+        let dataset = opened.map_err(|error| {
             // A single file's errors name it already (or are about it alone).
             if name.is_empty() { error } else { DataError::Segment { path, source: Box::new(error) } }
         })?;
@@ -67,12 +81,50 @@ pub struct Segments {
 impl Segments {
     /// Maps and indexes the data at `path`: a file, or every segment of a directory.
     pub fn open(path: &Path, pool: &WorkerPool) -> Result<Segments, DataError> {
+        Segments::open_from(path, pool, None)
+    }
+
+    /// [`Segments::open`], each segment's index read from `files` when they hold it.
+    pub fn open_persisted(path: &Path, pool: &WorkerPool, files: &IndexFiles) -> Result<Segments, DataError> {
+        Segments::open_from(path, pool, Some(files))
+    }
+
+    fn open_from(path: &Path, pool: &WorkerPool, files: Option<&IndexFiles>) -> Result<Segments, DataError> {
         let listing = list_path(path).map_err(|source| DataError::Open { path: path.to_owned(), source })?;
         let mut parts = Vec::new();
         for (name, _) in listing {
-            parts.push(Arc::new(Segment::open(path, &name, pool)?));
+            parts.push(Arc::new(Segment::open_from(path, &name, pool, files)?));
         }
         Ok(Segments::of(parts))
+    }
+
+    /// Stores the index of every segment that was not read from `files`: each data file's
+    /// path and whether it was written (or why not).
+    pub fn persist(&self, files: &IndexFiles) -> Vec<(PathBuf, std::io::Result<bool>)> {
+        self.parts.iter().map(|p| (p.dataset.path().to_owned(), p.dataset.persist(files))).collect()
+    }
+
+    /// Why each segment whose index file could not be used was indexed anew.
+    pub fn refused_indexes(&self) -> Vec<(PathBuf, String)> {
+        self.parts
+            .iter()
+            .filter_map(|p| match p.dataset.index_origin() {
+                IndexOrigin::Rebuilt(why) => Some((p.dataset.path().to_owned(), why.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// How many segments' indexes were read from their files, built (no file), and
+    /// rebuilt (a file that could not be used).
+    pub fn index_origins(&self) -> (usize, usize, usize) {
+        let count =
+            |want: fn(&IndexOrigin) -> bool| self.parts.iter().filter(|p| want(p.dataset.index_origin())).count();
+        (
+            count(|o| *o == IndexOrigin::Loaded),
+            count(|o| *o == IndexOrigin::Built),
+            count(|o| matches!(o, IndexOrigin::Rebuilt(_))),
+        )
     }
 
     /// The set of `parts` (sorted here by name).

@@ -18,9 +18,9 @@
 //! tries it again only when it changes again.
 
 use crate::data::segments::{self, Segment};
-use crate::data::{DataIdentity, FileIdentity, Segments};
+use crate::data::{DataIdentity, FileIdentity, IndexFiles, Segments};
 use crate::engine::Engine;
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics::{IndexEvent, Metrics};
 use crate::platform::pool::WorkerPool;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -48,6 +48,49 @@ pub struct Watch {
     pub every: Duration,
     /// Indexes new files; its own threads, not the statistics pool's.
     pub pool: WorkerPool,
+    /// Where indexes are kept between starts (`INDEX_DIR`).
+    pub index_files: IndexFiles,
+}
+
+/// Index files younger than this are never removed: another replica sharing the
+/// directory may have written one for a file this one has not seen yet.
+const INDEX_FILE_GRACE: Duration = Duration::from_secs(60);
+
+/// Stores the indexes of `data` that were built here (not read from `files`), removes
+/// index files of data files that are gone, and counts and logs what it did. Blocking
+/// (file writes): run it on the reload pool.
+pub fn persist_indexes(data: &Segments, files: &IndexFiles, metrics: &Metrics) {
+    let started = Instant::now();
+    let (mut written, mut failed) = (0u64, 0u64);
+    for (path, result) in data.persist(files) {
+        match result {
+            Ok(true) => written += 1,
+            Ok(false) => {}
+            Err(error) => {
+                failed += 1;
+                warn!(%error, data = %path.display(), dir = %files.dir().display(), "cannot store the data file's index; the next start indexes it again");
+            }
+        }
+    }
+    let removed = files.remove_stale(INDEX_FILE_GRACE) as u64;
+    metrics.index_files(IndexEvent::Written, written);
+    metrics.index_files(IndexEvent::WriteFailed, failed);
+    metrics.index_files(IndexEvent::Removed, removed);
+    if written + failed + removed > 0 {
+        info!(written, failed, removed, millis = started.elapsed().as_millis() as u64, dir = %files.dir().display(), "index files stored");
+    }
+}
+
+/// Counts and logs how `data`'s indexes came to be (read from their files, built, or
+/// rebuilt because a file could not be used).
+pub fn record_index_origins(data: &Segments, metrics: &Metrics) {
+    let (loaded, built, rebuilt) = data.index_origins();
+    metrics.index_files(IndexEvent::Loaded, loaded as u64);
+    metrics.index_files(IndexEvent::Built, built as u64);
+    metrics.index_files(IndexEvent::Refused, rebuilt as u64);
+    for (path, why) in data.refused_indexes() {
+        warn!(data = %path.display(), reason = why.as_str(), "the data file's stored index cannot be used; indexed it anew");
+    }
 }
 
 /// Whether new data has held still long enough to be indexed. Pure: the caller feeds it
@@ -130,7 +173,7 @@ pub async fn watch_data(
     events: watch::Sender<Reloads>,
     shutdown: CancellationToken,
 ) {
-    let Watch { path, every, pool } = watch;
+    let Watch { path, every, pool, index_files } = watch;
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Files that failed to index, by segment name: not retried until they change.
@@ -185,13 +228,13 @@ pub async fn watch_data(
             .collect();
         info!(path = %path.display(), new = ?to_open, removed = ?removed, "the data changed; indexing the new files in the background");
         let started = Instant::now();
-        let (open_path, build_pool, names) = (path.clone(), pool.clone(), to_open.clone());
+        let (open_path, build_pool, names, files) = (path.clone(), pool.clone(), to_open.clone(), index_files.clone());
         // Shutdown does not wait for an index build: the pool job is left to finish (or
         // die with the process) and its result is dropped.
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
             opened = pool.run(move || {
-                names.iter().map(|name| Segment::open(&open_path, name, &build_pool)).collect::<Vec<_>>()
+                names.iter().map(|name| Segment::open_persisted(&open_path, name, &build_pool, &files)).collect::<Vec<_>>()
             }) => opened,
         };
         let Ok(opened) = opened else {
@@ -221,6 +264,12 @@ pub async fn watch_data(
         }
         crate::platform::heap::release_free_memory();
         let indexed_ms = started.elapsed().as_millis() as u64;
+        // After the swap or join below, the new indexes are stored on the reload pool
+        // (queued behind nothing: it is this watcher's own thread).
+        let new_segments = Segments::of(added.clone());
+        record_index_origins(&new_segments, &metrics);
+        let (persist_files, persist_metrics) = (index_files.clone(), Arc::clone(&metrics));
+        let persist = move || persist_indexes(&new_segments, &persist_files, &persist_metrics);
         let single_file = |names: &mut dyn Iterator<Item = &str>| names.eq([""]);
         if single_file(&mut served.data.parts().iter().map(|p| p.name()))
             && single_file(&mut added.iter().map(|p| p.name()))
@@ -237,6 +286,7 @@ pub async fn watch_data(
                 millis = indexed_ms,
                 "new data.json swapped in; statistics of the old file are no longer served"
             );
+            pool.spawn(persist);
             continue;
         }
         let (join_engine, join_pool, names) = (engine.clone(), pool.clone(), removed.clone());
@@ -258,6 +308,7 @@ pub async fn watch_data(
                     cache_locked_us = joined.cache_locked.as_micros() as u64,
                     "segments joined; reports include them from now on"
                 );
+                pool.spawn(persist);
             }
             Ok(Err(error)) => warn!(%error, "a new segment changed while it was read; retrying"),
             Err(error) => error!(%error, "the join was abandoned; retrying at the next poll"),

@@ -105,6 +105,50 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+/// What happened to a persisted index (the `event` label of
+/// `report_service_index_files_total`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum IndexEvent {
+    /// A data file's index was read from its index file.
+    Loaded,
+    /// A data file was indexed by scanning it (no index file yet).
+    Built,
+    /// An index file could not be used (another version of the data file, another
+    /// format, torn, damaged): the data file was indexed anew.
+    Refused,
+    /// An index file was written.
+    Written,
+    /// Writing an index file failed.
+    WriteFailed,
+    /// An index file of a data file that no longer exists was removed.
+    Removed,
+}
+
+impl IndexEvent {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IndexEvent::Loaded => "loaded",
+            IndexEvent::Built => "built",
+            IndexEvent::Refused => "refused",
+            IndexEvent::Written => "written",
+            IndexEvent::WriteFailed => "write_failed",
+            IndexEvent::Removed => "removed",
+        }
+    }
+}
+
+impl EncodeLabelValue for IndexEvent {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IndexEventLabel {
+    event: IndexEvent,
+}
+
 /// The `node` label of `report_service_broker_connected`: `host:port` of a broker node
 /// (never a URL: no user, no password).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -120,6 +164,7 @@ pub struct Metrics {
     phones: Family<SourceLabel, Counter>,
     dead_lettered: Family<ReasonLabel, Counter>,
     broker_connected: Family<NodeLabel, Gauge>,
+    index_files: Family<IndexEventLabel, Counter>,
     /// The node `broker_connected` shows as 1, if any: set by the consume loop only.
     connected_node: parking_lot::Mutex<Option<String>>,
     /// `report_service_report_latency_seconds`.
@@ -171,6 +216,7 @@ impl Metrics {
             phones: Family::default(),
             dead_lettered: Family::default(),
             broker_connected: Family::default(),
+            index_files: Family::default(),
             connected_node: parking_lot::Mutex::new(None),
             // 50 us .. ~3.3 s
             report_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 17)),
@@ -214,6 +260,11 @@ impl Metrics {
             metrics.index_build_seconds.clone(),
         );
         registry.register("cache_entries", "Phones in the statistics cache", metrics.cache_entries.clone());
+        registry.register(
+            "index_files",
+            "Persisted indexes of data files: loaded, built, refused, written, write_failed, removed",
+            metrics.index_files.clone(),
+        );
         registry.register("snapshot_writes", "Cache snapshots written", metrics.snapshot_writes.clone());
         registry.register("snapshot_failures", "Cache snapshot writes that failed", metrics.snapshot_failures.clone());
         registry.register(
@@ -280,6 +331,18 @@ impl Metrics {
         }
     }
 
+    /// Counts `n` persisted-index events.
+    pub fn index_files(&self, event: IndexEvent, n: u64) {
+        if n > 0 {
+            self.index_files.get_or_create(&IndexEventLabel { event }).inc_by(n);
+        }
+    }
+
+    /// Persisted-index events so far, for tests and logs.
+    pub fn index_files_with(&self, event: IndexEvent) -> u64 {
+        self.index_files.get_or_create(&IndexEventLabel { event }).get()
+    }
+
     /// The consumer is attached to `node` (`host:port`), or to none.
     pub fn broker_node(&self, node: Option<&str>) {
         let mut current = self.connected_node.lock();
@@ -327,6 +390,7 @@ mod tests {
         metrics.phones_from(Source::Cache, 3);
         metrics.broker_node(Some("rabbit-1:5672"));
         metrics.broker_node(Some("rabbit-2:5672"));
+        metrics.index_files(IndexEvent::Loaded, 2);
         let text = metrics.encode();
         for name in [
             "report_service_tasks_total{outcome=\"answered\"} 1",
@@ -345,6 +409,7 @@ mod tests {
             "report_service_data_records",
             "report_service_broker_connected{node=\"rabbit-1:5672\"} 0",
             "report_service_broker_connected{node=\"rabbit-2:5672\"} 1",
+            "report_service_index_files_total{event=\"loaded\"} 2",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

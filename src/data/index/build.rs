@@ -388,11 +388,9 @@ fn group_by_phone(mut regions: Vec<Region>, bits: u32) -> PhoneIndex {
     starts.push(spans.len());
     summary.phones = phones.len();
     summary.spans = spans.len();
-    summary.heap_bytes = spans.capacity() * size_of::<Span>()
-        + phones.capacity() * size_of::<u64>()
-        + starts.capacity() * size_of::<usize>()
-        + bucket_starts.capacity() * size_of::<usize>();
-    PhoneIndex { bucket_bits: bits, buckets: bucket_starts, phones, starts, spans, summary }
+    let mut index = PhoneIndex { bucket_bits: bits, buckets: bucket_starts, phones, starts, spans, summary };
+    index.summary.heap_bytes = index.heap_bytes();
+    index
 }
 
 /// Buffers for grouping a bucket, kept per worker thread.

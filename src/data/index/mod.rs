@@ -19,6 +19,9 @@
 
 mod build;
 mod spans;
+pub(crate) mod store;
+
+pub use store::{FORMAT_VERSION as INDEX_FORMAT_VERSION, StoreError};
 
 pub use build::BuildShape;
 pub use spans::{IndexSummary, MAX_FILE_LEN, MAX_RECORD_LEN, MAX_SPAN_LEN, PhoneIndex, Span};

@@ -129,6 +129,14 @@ impl PhoneIndex {
         self.summary
     }
 
+    /// The heap its arrays hold (capacity, not length).
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.spans.capacity() * size_of::<Span>()
+            + self.phones.capacity() * size_of::<u64>()
+            + self.starts.capacity() * size_of::<usize>()
+            + self.buckets.capacity() * size_of::<usize>()
+    }
+
     /// Every indexed phone (grouped by bucket, so not in numeric order).
     pub fn phones(&self) -> &[u64] {
         &self.phones
