@@ -388,7 +388,14 @@ fn group_by_phone(mut regions: Vec<Region>, bits: u32) -> PhoneIndex {
     starts.push(spans.len());
     summary.phones = phones.len();
     summary.spans = spans.len();
-    let mut index = PhoneIndex { bucket_bits: bits, buckets: bucket_starts, phones, starts, spans, summary };
+    let mut index = PhoneIndex {
+        bucket_bits: bits,
+        buckets: bucket_starts.into(),
+        phones: phones.into(),
+        starts: starts.into(),
+        spans: spans.into(),
+        summary,
+    };
     index.summary.heap_bytes = index.heap_bytes();
     index
 }

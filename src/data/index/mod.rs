@@ -20,6 +20,7 @@
 mod build;
 mod spans;
 pub(crate) mod store;
+mod table;
 
 pub use store::{FORMAT_VERSION as INDEX_FORMAT_VERSION, StoreError};
 

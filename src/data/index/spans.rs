@@ -1,5 +1,7 @@
 //! The index as it is kept: its layout, limits and lookups (the module documentation of
-//! `index` says why it looks so); `build` makes one.
+//! `index` says why it looks so); `build` makes one, `store` reads one back.
+
+use super::table::{Table, Word};
 
 /// Consecutive records of one phone are merged into one span up to this many bytes:
 /// the unit of parallel work when aggregating.
@@ -12,7 +14,11 @@ pub const MAX_FILE_LEN: u64 = 1 << 40;
 
 /// Byte range of one or more consecutive records of one phone, packed in 8 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(transparent)]
 pub struct Span(pub(super) u64);
+
+// SAFETY: `Span` is `repr(transparent)` over a `u64`: 8 bytes, valid for any bits.
+unsafe impl Word for Span {}
 
 impl Span {
     pub(super) fn new(start: usize, end: usize) -> Span {
@@ -63,14 +69,14 @@ pub struct PhoneIndex {
     pub(super) bucket_bits: u32,
     /// `phones[buckets[b]..buckets[b + 1]]` are the phones of bucket `b`; one longer
     /// than the number of buckets.
-    pub(super) buckets: Vec<usize>,
+    pub(super) buckets: Table<usize>,
     /// Every phone with records: by bucket, ascending within a bucket.
-    pub(super) phones: Vec<u64>,
+    pub(super) phones: Table<u64>,
     /// `spans[starts[i]..starts[i + 1]]` are the spans of `phones[i]`; one longer than
     /// `phones`.
-    pub(super) starts: Vec<usize>,
+    pub(super) starts: Table<usize>,
     /// Grouped by phone; within a phone, in file order.
-    pub(super) spans: Vec<Span>,
+    pub(super) spans: Table<Span>,
     pub(super) summary: IndexSummary,
 }
 
@@ -131,10 +137,7 @@ impl PhoneIndex {
 
     /// The heap its arrays hold (capacity, not length).
     pub(super) fn heap_bytes(&self) -> usize {
-        self.spans.capacity() * size_of::<Span>()
-            + self.phones.capacity() * size_of::<u64>()
-            + self.starts.capacity() * size_of::<usize>()
-            + self.buckets.capacity() * size_of::<usize>()
+        self.spans.heap_bytes() + self.phones.heap_bytes() + self.starts.heap_bytes() + self.buckets.heap_bytes()
     }
 
     /// Every indexed phone (grouped by bucket, so not in numeric order).
