@@ -14,7 +14,7 @@
 //!     BENCH_DATA=/data cargo bench --bench engine
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use report_service::data::{Dataset, PhoneIndex, Segment, Segments};
+use report_service::data::{Dataset, IndexFiles, PhoneIndex, Segment, Segments};
 use report_service::engine::compute::compute;
 use report_service::engine::{CacheSettings, Engine};
 use report_service::message::{CorrelationId, Limits, PhoneReport, Report, complete_report_json, parse_task};
@@ -88,6 +88,62 @@ fn index_build(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// A restart's index: each shape's stored index read back (mapped and checksummed in
+/// place) instead of scanning the file, as `Segments::open_persisted` does at startup.
+fn index_load(c: &mut Criterion) {
+    let mut group = c.benchmark_group("index_load");
+    group.sample_size(20);
+    for (name, layout) in SHAPES {
+        let fixture = fixture(layout);
+        let pool = pool(2);
+        let dir = tempfile::tempdir().expect("index dir");
+        let files = IndexFiles::new(dir.path());
+        let built = Segments::open_persisted(&fixture.path, &pool, &files).expect("valid fixture");
+        assert!(built.persist(&files).iter().all(|(_, written)| matches!(written, Ok(true))));
+        group.throughput(Throughput::Bytes(std::fs::metadata(files.file_of(&fixture.path)).expect("stored").len()));
+        group.bench_function(BenchmarkId::new(name, "stored_index"), |b| {
+            b.iter(|| {
+                let loaded = Segments::open_persisted(black_box(&fixture.path), &pool, &files).expect("loads");
+                assert_eq!(loaded.index_origins(), (1, 0, 0), "read, not built");
+                loaded
+            })
+        });
+    }
+    group.finish();
+}
+
+/// A miss on the phone book through the engine, as a task meets it: ten numbers never
+/// asked for before (a lookup in the index of ~1 M numbers, single flight, a handful of
+/// records read, the answer and its JSON cached, CLOCK eviction once the cache is full).
+fn phone_book_miss(c: &mut Criterion) {
+    let fixture = fixture(Layout::ManyPhones);
+    let pool = WorkerPool::new("bench", 2).expect("pool");
+    let dataset = Segments::open(&fixture.path, &pool).expect("valid fixture");
+    let metrics = Arc::new(Metrics::new());
+    let engine = Engine::builder(dataset, pool)
+        .cache(CacheSettings { ttl: Duration::from_secs(600), max_entries: 100_000 })
+        .metrics(Arc::clone(&metrics))
+        .build();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let mut next = 0u64;
+    let mut group = c.benchmark_group("phone_book_miss");
+    group.throughput(Throughput::Elements(10));
+    group.bench_function("ten_new_numbers", |b| {
+        b.iter(|| {
+            // A stride coprime with 1 M walks every number once before repeating one.
+            let phones: [u64; 10] = std::array::from_fn(|_| {
+                next += 1;
+                BOOK_BASE + (next * 7_919) % 1_000_000
+            });
+            runtime.block_on(engine.stats(black_box(&phones))).expect("stats")
+        })
+    });
+    group.finish();
+    let hits = metrics.phones_with(Source::Cache);
+    let all = hits + metrics.phones_with(Source::Computed) + metrics.phones_with(Source::NoRecords);
+    assert!(hits * 100 <= all, "misses, not hits: {hits} of {all}");
 }
 
 /// Ten phones, all computed (no cache): every record of each read from the mapping.
@@ -240,5 +296,15 @@ fn join_case(
     }
 }
 
-criterion_group!(benches, index_build, cold_report, warm_report, report_json, task_parse, segment_join);
+criterion_group!(
+    benches,
+    index_build,
+    index_load,
+    cold_report,
+    phone_book_miss,
+    warm_report,
+    report_json,
+    task_parse,
+    segment_join
+);
 criterion_main!(benches);

@@ -1,6 +1,11 @@
 //! producer: send tasks, publish the sample tasks, load-test the service or the broker.
 
 use anyhow::{Context, Result, bail};
+
+/// The service's allocator (see `src/bin/report-service.rs`), so `echo` measures a
+/// client that allocates as the service does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use report_service::config::{self, Config};
