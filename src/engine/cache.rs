@@ -22,6 +22,11 @@ use ahash::AHashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Heap one cached phone takes, its answer's JSON and the ring's bookkeeping included:
+/// 435 bytes measured (`cargo run --release --example cache_memory`), rounded up. What
+/// `CACHE_MAX_ENTRIES` bounds, and `report_service_memory_bound_bytes` counts.
+pub const ENTRY_BYTES: usize = 440;
+
 /// A phone's statistics and its serialised report entry (computed once, appended to
 /// every report that hits the cache).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 
 use crate::data::stats::CallStats;
 use crate::data::{Segment, Segments, StaleData};
-use crate::engine::cache::{Advanced, Answer, Cache, CachedPhone, Fate};
+use crate::engine::cache::{Advanced, Answer, Cache, CachedPhone, ENTRY_BYTES, Fate};
 use crate::engine::compute;
 use crate::engine::snapshot::Delta;
 use crate::ops::metrics::{Metrics, Source};
@@ -124,7 +124,8 @@ impl EngineBuilder {
 
     /// The engine, serving the dataset it was built with.
     pub fn build(self) -> Engine {
-        record_data_metrics(&self.metrics, &self.data);
+        self.metrics.cache_max_entries.set(self.cache.max_entries as i64);
+        record_data_metrics(&self.metrics, &self.data, self.cache.max_entries);
         let cache = Cache::new(self.cache.ttl, self.cache.max_entries);
         let inner = Inner {
             data: ArcSwap::from_pointee(Loaded { data: self.data, epoch: 1 }),
@@ -167,7 +168,7 @@ impl Engine {
     /// already running finish on the version they started with; entries of older
     /// versions are dropped and never served again.
     pub fn replace(&self, data: Segments) -> u64 {
-        record_data_metrics(&self.inner.metrics, &data);
+        record_data_metrics(&self.inner.metrics, &data, self.inner.cache_capacity);
         let epoch = self.inner.data.load().epoch + 1;
         self.inner.data.store(Arc::new(Loaded { data, epoch }));
         let now = self.inner.clock.now_ms();
@@ -201,7 +202,7 @@ impl Engine {
         let partials = compute::compute(&Segments::of(added.clone()), &touched, pool)?;
         let partials: AHashMap<u64, CallStats> = touched.into_iter().zip(partials).collect();
 
-        record_data_metrics(&self.inner.metrics, &next);
+        record_data_metrics(&self.inner.metrics, &next, self.inner.cache_capacity);
         let epoch = old.epoch + 1;
         self.inner.data.store(Arc::new(Loaded { data: next, epoch }));
         let now = self.inner.clock.now_ms();
@@ -400,8 +401,16 @@ fn answer(phone: u64, stats: CallStats) -> Answer {
     Answer { json: crate::message::phone_json(phone, &stats), stats }
 }
 
-fn record_data_metrics(metrics: &Metrics, data: &Segments) {
+/// Heap a running service needs besides its index and its cache (the runtime, the
+/// prefetched tasks and their reports, lapin's buffers, the allocator's slack): the
+/// allowance in `report_service_memory_bound_bytes`. Measured: 25-40 MiB under load on
+/// the reference data with an empty cache (README, "Memory").
+const MEMORY_ALLOWANCE: usize = 64 << 20;
+
+fn record_data_metrics(metrics: &Metrics, data: &Segments, cache_capacity: usize) {
     let summary = data.summary();
+    let bound = summary.heap_bytes + cache_capacity * ENTRY_BYTES + MEMORY_ALLOWANCE;
+    metrics.memory_bound_bytes.set(i64::try_from(bound).unwrap_or(i64::MAX));
     metrics.data_bytes.set(data.identity().len as i64);
     metrics.data_records.set(summary.records as i64);
     metrics.data_phones.set(summary.phones as i64);

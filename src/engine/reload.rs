@@ -181,6 +181,7 @@ pub async fn watch_data(
     let mut settling = Settling::<DataIdentity>::new(every);
     let mut look_again: Option<Instant> = None;
     let mut missing_logged = false;
+    let mut unserved_since: Option<Instant> = None;
     loop {
         let look_again_at = look_again.unwrap_or_else(|| Instant::now() + every);
         tokio::select! {
@@ -204,6 +205,11 @@ pub async fn watch_data(
             }
         };
         let served = engine.current();
+        // How long what the path holds has differed from what is served (a change not
+        // yet settled or indexed, or a file refused): `report_service_data_unserved_seconds`.
+        let on_disk = DataIdentity::of(listing.iter().map(|(name, identity)| (name.as_str(), *identity)));
+        unserved_since = (on_disk != served.data.identity()).then(|| unserved_since.unwrap_or_else(Instant::now));
+        metrics.data_unserved_seconds.set(unserved_since.map_or(0.0, |since| since.elapsed().as_secs_f64()));
         let wanted = wanted(&listing, &failed, &served.data);
         let identity = DataIdentity::of(wanted.iter().map(|(name, identity)| (name.as_str(), *identity)));
         match settling.observe(identity, served.data.identity(), Instant::now()) {

@@ -175,6 +175,17 @@ pub struct Metrics {
     pub index_build_seconds: Gauge<f64, AtomicU64>,
     /// `report_service_cache_entries`.
     pub cache_entries: Gauge,
+    /// `report_service_cache_max_entries` (`CACHE_MAX_ENTRIES`).
+    pub cache_max_entries: Gauge,
+    /// `report_service_memory_bound_bytes`: the heap the settings and the data imply.
+    pub memory_bound_bytes: Gauge,
+    /// `report_service_heap_resident_bytes`: resident anonymous memory, read at scrape.
+    pub heap_resident_bytes: Gauge,
+    /// `report_service_ready`: 1 when `/health` answers 200, set at scrape.
+    pub ready: Gauge,
+    /// `report_service_data_unserved_seconds`: how long the data path has held other
+    /// data than is served (0 when they agree).
+    pub data_unserved_seconds: Gauge<f64, AtomicU64>,
     /// `report_service_snapshot_writes_total`.
     pub snapshot_writes: Counter,
     /// `report_service_snapshot_failures_total`.
@@ -223,6 +234,11 @@ impl Metrics {
             tasks_in_flight: Gauge::default(),
             index_build_seconds: Gauge::default(),
             cache_entries: Gauge::default(),
+            cache_max_entries: Gauge::default(),
+            memory_bound_bytes: Gauge::default(),
+            heap_resident_bytes: Gauge::default(),
+            ready: Gauge::default(),
+            data_unserved_seconds: Gauge::default(),
             snapshot_writes: Counter::default(),
             snapshot_failures: Counter::default(),
             reconnects: Counter::default(),
@@ -260,6 +276,31 @@ impl Metrics {
             metrics.index_build_seconds.clone(),
         );
         registry.register("cache_entries", "Phones in the statistics cache", metrics.cache_entries.clone());
+        registry.register(
+            "cache_max_entries",
+            "The most phones the cache holds (CACHE_MAX_ENTRIES)",
+            metrics.cache_max_entries.clone(),
+        );
+        registry.register(
+            "memory_bound_bytes",
+            "Heap the settings and the data imply: index heap, a full cache, and a fixed allowance",
+            metrics.memory_bound_bytes.clone(),
+        );
+        registry.register(
+            "heap_resident_bytes",
+            "Resident anonymous memory of the process (RssAnon: the heap, not the mapped data)",
+            metrics.heap_resident_bytes.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when /health answers 200 (indexed, consuming, not stuck), else 0",
+            metrics.ready.clone(),
+        );
+        registry.register(
+            "data_unserved_seconds",
+            "Seconds the data path has held other data than is served (a change not yet indexed, or refused)",
+            metrics.data_unserved_seconds.clone(),
+        );
         registry.register(
             "index_files",
             "Persisted indexes of data files: loaded, built, refused, written, write_failed, removed",
@@ -368,6 +409,14 @@ impl Metrics {
     /// Phones reported from `source` so far, for tests and logs.
     pub fn phones_with(&self, source: Source) -> u64 {
         self.phones.get_or_create(&SourceLabel { source }).get()
+    }
+
+    /// Resident anonymous memory of this process (`RssAnon` in `/proc/self/status`), if
+    /// the system says.
+    pub fn resident_anonymous_bytes() -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kib = status.lines().find_map(|l| l.strip_prefix("RssAnon:"))?.trim().strip_suffix("kB")?.trim();
+        kib.parse::<u64>().ok().map(|kib| kib * 1024)
     }
 
     /// The Prometheus text exposition.

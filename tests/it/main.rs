@@ -12,6 +12,7 @@ mod differential;
 mod faults;
 mod hostile;
 mod malformed_data;
+mod monitoring;
 mod persisted_index;
 mod producer;
 mod production;
