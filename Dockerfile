@@ -13,6 +13,9 @@
 # Works with the classic builder and with BuildKit; needs no image but the two below.
 
 FROM rust:1.95-slim-bookworm AS builder
+# The builder stage is left as an untagged image; this label lets the README's clean-up
+# remove exactly it (`docker image prune --filter label=org.report-service.stage=builder`).
+LABEL org.report-service.stage=builder
 WORKDIR /build
 # The workspace's manifests first: the dependency layer below is rebuilt only when they
 # change. Placeholder sources carry a crate doc, so the workspace's `missing_docs` lint

@@ -10,6 +10,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use report_service::config::{self, Config};
 use report_tools::producer::{self, Client, FIRST_SAMPLE_ID, LoadOptions, SAMPLE_TASKS};
+use std::io::Write;
 use std::time::Duration;
 
 /// Client for report-service. The broker settings (AMQP_URL or AMQP_URL_FILE, the TLS
@@ -139,11 +140,15 @@ async fn run(command: Command, config: Config) -> Result<()> {
             Ok(())
         }
         Command::Seed => {
-            // Each task published, as a JSON line on stdout (the summary goes to stderr).
+            // Each task published, as a JSON line on stdout (the summary goes to stderr),
+            // flushed as it goes: through a pipe (`docker compose run -T`) stdout is
+            // buffered, and the summary would otherwise appear among the tasks.
+            let mut out = std::io::stdout();
             for (i, phones) in SAMPLE_TASKS.iter().enumerate() {
                 let id = FIRST_SAMPLE_ID + i as u64;
                 producer::send_one(&client, id, phones, None).await?;
-                println!("{}", String::from_utf8_lossy(&producer::task_body(id, phones)));
+                writeln!(out, "{}", String::from_utf8_lossy(&producer::task_body(id, phones)))?;
+                out.flush()?;
             }
             eprintln!(
                 "published {} sample tasks to {}; their reports go to {}",
