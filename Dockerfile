@@ -39,7 +39,7 @@ COPY . .
 RUN cargo build --release --locked --workspace --bins
 
 FROM debian:bookworm-slim AS runtime
-RUN useradd --system --uid 10001 --user-group --no-create-home report \
+RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin report \
     && mkdir -p /data /snapshot \
     && chown report:report /data /snapshot
 COPY --from=builder /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
