@@ -10,6 +10,8 @@ use report_service::ops::metrics::Source;
 use report_service::platform::clock::SystemClock;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use support::amqp::{
     self, Client, Names, Seen, WAIT, collect, collect_into, data_file, expected_data, next, next_json, rabbitmqctl,
 };
@@ -21,16 +23,11 @@ fn phones(i: u64) -> Vec<u64> {
 }
 
 /// A check of one report (every copy of it) against the reference.
-fn matches_reference(records: &[support::RefRecord]) -> impl Fn(&serde_json::Value) + '_ {
+fn matches_reference(records: &[support::RefRecord]) -> impl Fn(&serde_json::Value) -> Result<(), String> + '_ {
     move |report| {
-        let i = report["correlation_id"].as_u64().expect("integer id");
-        assert_eq!(report["data"], expected_data(records, &phones(i)), "task {i}");
+        let i = report["correlation_id"].as_u64().ok_or_else(|| format!("no integer id: {report}"))?;
+        amqp::agrees(&report["data"], &expected_data(records, &phones(i)), format_args!("task {i}"))
     }
-}
-
-/// (distinct answered, duplicates); every copy was checked as it arrived.
-fn counts(seen: &Seen) -> (usize, usize) {
-    (seen.len(), seen.values().map(|(_, n)| n - 1).sum())
 }
 
 /// A fault scenario's inputs: unique queues, data (50 phones x 2,000 records) and
@@ -54,26 +51,69 @@ async fn scenario(names: Names, tasks: u64) -> Scenario {
     Scenario { names, dir, data, records, client, tasks }
 }
 
-/// Checks every report, stops the service, prints the figures and asserts every task
-/// was answered; returns the service's metrics.
+/// Stops the service, prints the figures and asserts every task was answered and no
+/// copy was wrong; returns the service's metrics.
 async fn finish(
     label: &str,
     seen: &Seen,
     scenario: &Scenario,
     service: report_service::app::Running,
 ) -> Arc<report_service::ops::metrics::Metrics> {
-    let (answered, duplicates) = counts(seen);
     let metrics = Arc::clone(service.metrics());
     service.stop().await.unwrap();
     eprintln!(
-        "{label}: sent {}, answered {answered}, duplicates {duplicates}, wrong 0; reconnects {}, cache hits {}, computed {}",
-        scenario.tasks,
+        "{label}: {}; reconnects {}, cache hits {}, computed {}",
+        seen.figures(scenario.tasks),
         metrics.reconnects.get(),
         metrics.phones_with(Source::Cache),
         metrics.phones_with(Source::Computed)
     );
-    assert_eq!(answered, scenario.tasks as usize);
+    seen.assert_all_right(scenario.tasks);
     metrics
+}
+
+/// A clock that holds itself at its `n`-th read until released: reading it blocks. The
+/// engine reads it at the start of every task, so the service freezes mid-load with a
+/// full prefetch window in flight, however slow the fault's tool (a `rabbitmqctl` run
+/// takes about a second) is to land.
+#[derive(Debug)]
+struct HeldClock {
+    reads: AtomicU64,
+    hold_at: AtomicU64,
+    held: AtomicBool,
+}
+
+impl HeldClock {
+    fn new() -> HeldClock {
+        HeldClock { reads: AtomicU64::new(0), hold_at: AtomicU64::new(u64::MAX), held: AtomicBool::new(false) }
+    }
+
+    /// Holds after `n` more reads; blocks the caller until then.
+    fn hold_after(&self, n: u64) {
+        self.hold_at.store(self.reads.load(SeqCst) + n, SeqCst);
+        let deadline = std::time::Instant::now() + WAIT;
+        while !self.held.load(SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "the clock was not read {n} more times");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn release(&self) {
+        self.held.store(false, SeqCst);
+    }
+}
+
+impl report_service::platform::clock::Clock for HeldClock {
+    fn now_ms(&self) -> u64 {
+        if self.reads.fetch_add(1, SeqCst) + 1 >= self.hold_at.load(SeqCst) {
+            self.hold_at.store(u64::MAX, SeqCst);
+            self.held.store(true, SeqCst);
+        }
+        while self.held.load(SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        report_service::platform::clock::Clock::now_ms(&SystemClock)
+    }
 }
 
 #[tokio::test]
@@ -81,18 +121,27 @@ async fn connections_force_closed_with_two_thousand_tasks_in_flight_lose_nothing
     let run = scenario(Names::unique("fault-close"), 2_000).await;
     let mut reports = run.client.consume(&run.names.reports).await;
     let vars = [("PREFETCH", "64"), ("CACHE_TTL_SECS", "0")];
-    let service = start_service(&run.names, &run.data, run.dir.path(), &vars, Arc::new(SystemClock)).await;
-    let mut seen = Seen::new();
-    for close in 0..2 {
-        // Let some reports through, then cut the service's connection.
-        let so_far = seen.len();
-        collect_into(&mut reports, &mut seen, so_far + 200 + close * 400, matches_reference(&run.records)).await;
-        let queue = run.names.tasks.clone();
-        let closed =
-            tokio::task::spawn_blocking(move || amqp::close_connection_named(&format!("queue {queue}"))).await.unwrap();
-        assert_eq!(closed, 1);
-    }
+    let clock = Arc::new(HeldClock::new());
+    let service = start_service(&run.names, &run.data, run.dir.path(), &vars, clock.clone()).await;
+    // Twice: freeze the service mid-load, cut its connection, let it go on: the
+    // deliveries it held come back from the broker. (On a thread of its own: a frozen
+    // service may freeze this test's runtime too.)
+    let faults = tokio::task::spawn_blocking({
+        let (queue, metrics, tasks) = (run.names.tasks.clone(), Arc::clone(service.metrics()), run.tasks);
+        move || {
+            for hold in [300, 700] {
+                clock.hold_after(hold);
+                let closed = amqp::close_connection_named(&format!("queue {queue}"));
+                let answered = metrics.tasks_with(report_service::ops::metrics::Outcome::Answered);
+                clock.release();
+                assert_eq!(closed, 1);
+                assert!(answered < tasks, "the close came after all {answered} tasks were answered");
+            }
+        }
+    });
+    let mut seen = Seen::default();
     collect_into(&mut reports, &mut seen, run.tasks as usize, matches_reference(&run.records)).await;
+    faults.await.unwrap();
     let metrics = finish("force-close x2", &seen, &run, service).await;
     assert!(metrics.reconnects.get() >= 2);
 }
@@ -106,18 +155,27 @@ async fn a_broker_application_restart_mid_load_loses_nothing() {
     let run = scenario(Names::unique_with_the_broker_to_itself("fault-restart"), 2_000).await;
     let mut reports = run.client.consume(&run.names.reports).await;
     let vars = [("PREFETCH", "16"), ("CACHE_TTL_SECS", "0")];
-    let service = start_service(&run.names, &run.data, run.dir.path(), &vars, Arc::new(SystemClock)).await;
-    let mut seen = Seen::new();
-    collect_into(&mut reports, &mut seen, 300, matches_reference(&run.records)).await;
-    let restarted = tokio::task::spawn_blocking(|| {
-        let stopped = rabbitmqctl(&["-q", "stop_app"]);
-        let started = rabbitmqctl(&["-q", "start_app"]);
-        let up = rabbitmqctl(&["-q", "await_startup"]);
-        [stopped, started, up].iter().all(|o| o.status.success())
+    let clock = Arc::new(HeldClock::new());
+    let service = start_service(&run.names, &run.data, run.dir.path(), &vars, clock.clone()).await;
+    let mut seen = Seen::default();
+    collect_into(&mut reports, &mut seen, 100, matches_reference(&run.records)).await;
+    // Frozen mid-load while the broker restarts (see `HeldClock`).
+    let (restarted, answered) = tokio::task::spawn_blocking({
+        let metrics = Arc::clone(service.metrics());
+        move || {
+            clock.hold_after(200);
+            let stopped = rabbitmqctl(&["-q", "stop_app"]);
+            let started = rabbitmqctl(&["-q", "start_app"]);
+            let up = rabbitmqctl(&["-q", "await_startup"]);
+            let answered = metrics.tasks_with(report_service::ops::metrics::Outcome::Answered);
+            clock.release();
+            ([stopped, started, up].iter().all(|o| o.status.success()), answered)
+        }
     })
     .await
     .unwrap();
     assert!(restarted, "rabbitmqctl stop_app / start_app");
+    assert!(answered < run.tasks, "the restart came after all {answered} tasks were answered");
     let client = Client::new(&run.names).await;
     let mut reports = client.consume(&run.names.reports).await;
     collect_into(&mut reports, &mut seen, run.tasks as usize, matches_reference(&run.records)).await;
@@ -135,7 +193,7 @@ async fn sigkill_mid_load_then_restart_answers_everything_from_a_consistent_cach
     let vars = [("PREFETCH", "8"), ("SNAPSHOT_INTERVAL_MS", "20")];
     let mut worker = Worker::start(&run.names, &run.data, run.dir.path(), &vars);
     worker.wait_for(READY);
-    let mut seen = Seen::new();
+    let mut seen = Seen::default();
     collect_into(&mut reports, &mut seen, 300, matches_reference(&run.records)).await;
     worker.child.kill().expect("SIGKILL");
     worker.child.wait().expect("reaped");
@@ -145,7 +203,54 @@ async fn sigkill_mid_load_then_restart_answers_everything_from_a_consistent_cach
         start_service(&run.names, &run.data, run.dir.path(), &[("PREFETCH", "8")], Arc::new(SystemClock)).await;
     collect_into(&mut reports, &mut seen, run.tasks as usize, matches_reference(&run.records)).await;
     let metrics = finish("SIGKILL + restart", &seen, &run, service).await;
+    let answered_after = metrics.tasks_with(report_service::ops::metrics::Outcome::Answered);
+    assert!(answered_after > 0, "the kill came after every task was answered");
     assert_eq!(metrics.phones_with(Source::Computed), 0, "all 50 phones came back from the snapshot");
+}
+
+/// The snapshot belongs to the data it was computed from: a restart on the same file
+/// restores it (nothing computed), a restart after the file was replaced ignores it
+/// and computes every phone again from the new file, never answering with the old
+/// figures.
+#[tokio::test]
+async fn a_restart_on_changed_data_does_not_restore_the_old_snapshot() {
+    let names = Names::unique("fault-olddata");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, old) = data_file(dir.path(), 10, 100);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let phones: Vec<u64> = (0..10).collect();
+    let mut ask = async |id: u64| {
+        client.send(&task(id, &phones)).await;
+        let (report, _) = next_json(&mut reports).await;
+        assert_eq!(report["correlation_id"].as_u64(), Some(id));
+        report["data"].clone()
+    };
+    let first = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    assert_eq!(ask(1).await, expected_data(&old, &phones));
+    first.stop().await.unwrap();
+
+    let same = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    assert_eq!(ask(2).await, expected_data(&old, &phones));
+    let metrics = Arc::clone(same.metrics());
+    same.stop().await.unwrap();
+    assert_eq!((metrics.phones_with(Source::Cache), metrics.phones_with(Source::Computed)), (10, 0), "restored");
+
+    // Every call one second longer: new durations, prices and averages for every phone.
+    let new: Vec<support::RefRecord> =
+        old.iter().map(|r| support::RefRecord { end_date: r.end_date + 1_000, ..*r }).collect();
+    let staged = dir.path().join("data.json.new");
+    std::fs::write(&staged, support::render(&new, support::Style::Compact)).unwrap();
+    std::fs::rename(&staged, &data).unwrap();
+    for phone in &phones {
+        assert_ne!(expected_data(&old, &[*phone]), expected_data(&new, &[*phone]), "phone {phone} changed");
+    }
+
+    let changed = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    assert_eq!(ask(3).await, expected_data(&new, &phones));
+    let metrics = Arc::clone(changed.metrics());
+    changed.stop().await.unwrap();
+    assert_eq!((metrics.phones_with(Source::Cache), metrics.phones_with(Source::Computed)), (0, 10), "recomputed");
 }
 
 /// Every kind of broken snapshot: the service starts, answers, and reports the problem.
@@ -247,7 +352,7 @@ async fn a_flood_of_malformed_messages_is_dead_lettered_while_valid_tasks_are_an
     for i in 0..200u64 {
         client.send(&task(1_000_000 + i, &phones(i))).await;
     }
-    collect(&mut reports, 200, matches_reference(&records)).await;
+    collect(&mut reports, 200, matches_reference(&records)).await.assert_all_right(200);
     let rss_before = worker.rss_kib();
     let bad: [&[u8]; 5] = [b"not json", b"", b"[1,2,3]", br#"{"phones":[1]}"#, b"{\"correlation_id\":\"\xff\"}"];
     let huge = vec![b'x'; 70_000];
@@ -263,15 +368,15 @@ async fn a_flood_of_malformed_messages_is_dead_lettered_while_valid_tasks_are_an
         }
     }
     let seen = collect(&mut reports, valid as usize, matches_reference(&records)).await;
-    let (answered, duplicates) = counts(&seen);
     for _ in 0..malformed {
         next(&mut dead).await;
     }
     let rss_after = worker.rss_kib();
     eprintln!(
-        "flood: {malformed} malformed dead-lettered, {valid} valid sent, {answered} answered, {duplicates} duplicates; RSS {rss_before} KiB -> {rss_after} KiB"
+        "flood: {malformed} malformed dead-lettered, valid: {}; RSS {rss_before} KiB -> {rss_after} KiB",
+        seen.figures(valid)
     );
-    assert_eq!(answered, valid as usize);
+    seen.assert_all_right(valid);
     assert!(rss_after < rss_before + 32 * 1024, "memory grew from {rss_before} to {rss_after} KiB");
     drop(worker);
 }

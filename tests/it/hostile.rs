@@ -287,13 +287,14 @@ async fn a_closed_publishing_channel_is_noticed_and_every_task_answered() {
     .await
     .unwrap();
     assert!(broken > 1);
-    let mut seen = amqp::Seen::new();
+    let mut seen = amqp::Seen::default();
     let check = |r: &serde_json::Value| {
         let i = r["correlation_id"].as_u64().unwrap();
-        assert_eq!(r["data"], expected_data(&records, &phones(i)), "task {i}");
+        amqp::agrees(&r["data"], &expected_data(&records, &phones(i)), format_args!("task {i}"))
     };
-    amqp::note(&mut seen, first, check);
+    seen.note(first, check);
     amqp::collect_into(&mut reports, &mut seen, tasks as usize, check).await;
+    seen.assert_all_right(tasks);
     health_until(&service, |s| s.ready() && s.sessions >= 2).await;
     let metrics = Arc::clone(service.metrics());
     service.stop().await.unwrap();
@@ -397,30 +398,59 @@ async fn a_report_lost_to_a_deleted_report_queue_is_answered_after_redeclaring_i
     service.stop().await.unwrap();
 }
 
-/// A `reply_to` naming the service's own task queue or DLQ is not honoured (it would
-/// feed reports back in as tasks): the report goes to the report queue.
+/// A `reply_to` naming the service's own task queue, DLQ or a retry queue is not
+/// honoured (it would feed reports back in as tasks): the report goes to the report
+/// queue. One naming a queue that does not exist (its client is gone; a 255-byte name,
+/// the longest AMQP allows) is published, confirmed unroutable and acked: no report
+/// anywhere, no redelivery loop, no dead letter, and the next task is answered.
 #[tokio::test]
-async fn a_reply_to_naming_the_services_own_queues_is_not_honoured() {
+async fn a_reply_to_naming_the_services_own_queues_or_no_queue_is_not_honoured() {
     let names = Names::unique("ownreply");
     let dir = tempfile::tempdir().unwrap();
     let (data, records) = data_file(dir.path(), 10, 100);
     let client = Client::new(&names).await;
     let mut reports = client.consume(&names.reports).await;
     let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
-    for (id, queue) in [(1u64, &names.tasks), (2, &names.dlq), (3, &String::new())] {
+    // Written out here, not taken from the crate: the default policy (first delay 1 s,
+    // 5 attempts) waits 1, 2, 4 and 8 s.
+    let (first_retry, last_retry) = (format!("{}.retry.1000ms", names.tasks), format!("{}.retry.8000ms", names.tasks));
+    let own = [&names.tasks, &names.dlq, &first_retry, &last_retry, &String::new()];
+    for (id, queue) in (1u64..).zip(own) {
         let properties = BasicProperties::default().with_reply_to(queue.as_str().into());
         client.send_raw(task(id, &[id]).as_bytes(), properties).await;
     }
-    collect(&mut reports, 3, |report| {
-        let id = report["correlation_id"].as_u64().unwrap();
-        assert_eq!(report["data"], expected_data(&records, &[id]));
+    let check = |report: &serde_json::Value| {
+        let id = report["correlation_id"].as_u64().unwrap_or_default();
+        amqp::agrees(&report["data"], &expected_data(&records, &[id]), format_args!("task {id}"))
+    };
+    collect(&mut reports, own.len(), check).await.assert_all_right(own.len() as u64);
+
+    let gone = [format!("gone-{}", names.tasks), "g".repeat(255)];
+    for (id, queue) in (6u64..).zip(&gone) {
+        let properties = BasicProperties::default().with_reply_to(queue.as_str().into());
+        client.send_raw(task(id, &[id % 10]).as_bytes(), properties).await;
+    }
+    client.send(&task(8, &[8])).await;
+    // Queues are FIFO and the service answers in order within its prefetch, but the
+    // two unroutable tasks run concurrently with the last one: wait for all three.
+    let (report, _) = next_json(&mut reports).await;
+    assert_eq!((report["correlation_id"].as_u64(), &report["data"]), (Some(8), &expected_data(&records, &[8])));
+    let answered = || service.metrics().tasks_with(Outcome::Answered);
+    tokio::time::timeout(amqp::WAIT, async {
+        while answered() < 8 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     })
-    .await;
+    .await
+    .unwrap_or_else(|_| panic!("{} of 8 tasks answered", answered()));
     let metrics = Arc::clone(service.metrics());
     service.stop().await.unwrap();
-    assert_eq!(ready_messages(&client.channel, &names.tasks).await, 0);
-    assert_eq!(ready_messages(&client.channel, &names.dlq).await, 0);
-    assert_eq!(metrics.reply_to_refused.get(), 2);
+    for queue in [&names.tasks, &names.dlq, &first_retry, &last_retry, &names.reports] {
+        assert_eq!(ready_messages(&client.channel, queue).await, 0, "{queue}");
+    }
+    assert_eq!(metrics.reply_to_refused.get(), 4);
+    assert_eq!(metrics.tasks_with(Outcome::Answered), 8);
+    assert_eq!(metrics.tasks_with(Outcome::DeadLettered), 0);
 }
 
 /// SIGTERM while the broker has stopped answering (every byte held by a frozen proxy):
@@ -460,13 +490,14 @@ async fn sigterm_with_a_broker_that_stopped_answering_exits_zero_within_the_time
     drop(proxy);
 
     let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
-    let mut seen = amqp::Seen::new();
+    let mut seen = amqp::Seen::default();
     let check = |r: &serde_json::Value| {
         let i = r["correlation_id"].as_u64().unwrap();
-        assert_eq!(r["data"], expected_data(&records, &[i % 50]), "task {i}");
+        amqp::agrees(&r["data"], &expected_data(&records, &[i % 50]), format_args!("task {i}"))
     };
-    amqp::note(&mut seen, first, check);
+    seen.note(first, check);
     amqp::collect_into(&mut reports, &mut seen, tasks as usize, check).await;
+    seen.assert_all_right(tasks);
     service.stop().await.unwrap();
 }
 

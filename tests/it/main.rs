@@ -10,6 +10,7 @@ mod cluster;
 mod datagen;
 mod differential;
 mod faults;
+mod golden;
 mod hostile;
 mod malformed_data;
 mod monitoring;

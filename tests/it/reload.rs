@@ -137,11 +137,17 @@ async fn tasks_in_flight_during_swaps_get_internally_consistent_reports() {
     collect(&mut reports, tasks as usize, |report| {
         let phones = avg_and_count(report);
         let first = phones[0];
-        assert!(first == (10.0, 2_000) || first == (20.0, 3_000), "{first:?}");
-        assert!(phones.iter().all(|p| *p == first), "a report mixing files: {phones:?}");
+        if first != (10.0, 2_000) && first != (20.0, 3_000) {
+            return Err(format!("neither file: {first:?}"));
+        }
+        if phones.iter().any(|p| *p != first) {
+            return Err(format!("a report mixing files: {phones:?}"));
+        }
         from.borrow_mut()[usize::from(first.0 == 20.0)] += 1;
+        Ok(())
     })
-    .await;
+    .await
+    .assert_all_right(tasks);
     done.cancel();
     let swaps = swapper.await.unwrap();
     let from = from.into_inner();
@@ -208,10 +214,11 @@ async fn three_replicas_sharing_a_snapshot_while_the_data_is_replaced_restore_co
         client.send(&task(i, &phones(i))).await;
     }
     let seen = collect(&mut reports, 30, |report| {
-        assert!(avg_and_count(report).iter().all(|&p| p == (10.0, 10)), "the first file: {report}");
+        let first_file = avg_and_count(report).iter().all(|&p| p == (10.0, 10));
+        if first_file { Ok(()) } else { Err(format!("not the first file: {report}")) }
     })
     .await;
-    assert_eq!(seen.len(), 30);
+    seen.assert_all_right(30);
 
     replace(&data, &uniform_file(20, 30, 20));
     for replica in &replicas {
@@ -221,9 +228,11 @@ async fn three_replicas_sharing_a_snapshot_while_the_data_is_replaced_restore_co
         client.send(&task(i, &phones(i))).await;
     }
     collect(&mut reports, 30, |report| {
-        assert!(avg_and_count(report).iter().all(|&p| p == (20.0, 30)), "the new file: {report}");
+        let new_file = avg_and_count(report).iter().all(|&p| p == (20.0, 30));
+        if new_file { Ok(()) } else { Err(format!("not the new file: {report}")) }
     })
-    .await;
+    .await
+    .assert_all_right(30);
     // Stopping flushes each replica's snapshot: the last one written wins.
     for replica in replicas {
         replica.stop().await.unwrap();

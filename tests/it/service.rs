@@ -70,9 +70,14 @@ async fn random_tasks_get_reports_equal_to_the_reference() {
     }
     collect(&mut reports, tasks.len(), |report| {
         let id = report["correlation_id"].as_u64().unwrap();
-        assert_eq!(report["data"], expected_data(&records, &tasks[&id]), "task {id}: {:?}", tasks[&id]);
+        amqp::agrees(
+            &report["data"],
+            &expected_data(&records, &tasks[&id]),
+            format_args!("task {id}: {:?}", tasks[&id]),
+        )
     })
-    .await;
+    .await
+    .assert_all_right(tasks.len() as u64);
     service.stop().await.unwrap();
 }
 
@@ -205,10 +210,11 @@ async fn two_hundred_tasks_at_once_are_answered_and_a_shared_phone_is_computed_o
     let service = start_service(&names, &data, dir.path(), &[("PREFETCH", "200")], Arc::new(SystemClock)).await;
     let seen = collect(&mut reports, 200, |report| {
         let i = report["correlation_id"].as_u64().unwrap();
-        assert_eq!(report["data"], expected_data(&records, &[7, 8, 10 + i]));
+        amqp::agrees(&report["data"], &expected_data(&records, &[7, 8, 10 + i]), format_args!("task {i}"))
     })
     .await;
-    for (id, (_, count)) in &seen {
+    seen.assert_all_right(200);
+    for (id, (_, count)) in &seen.reports {
         assert_eq!(*count, 1, "task {id} answered once");
     }
     let metrics = service.metrics();
@@ -352,11 +358,12 @@ async fn a_connection_closed_by_the_broker_mid_load_loses_no_task() {
     assert_eq!(closed, 1, "exactly the service's connection");
     let check = |report: &serde_json::Value| {
         let i = report["correlation_id"].as_u64().unwrap();
-        assert_eq!(report["data"], expected_data(&records, &phones(i)));
+        amqp::agrees(&report["data"], &expected_data(&records, &phones(i)), format_args!("task {i}"))
     };
-    let mut seen = amqp::Seen::new();
-    amqp::note(&mut seen, first, check);
+    let mut seen = amqp::Seen::default();
+    seen.note(first, check);
     amqp::collect_into(&mut reports, &mut seen, tasks as usize, check).await;
+    seen.assert_all_right(tasks);
     let metrics = Arc::clone(service.metrics());
     assert!(service.health().ready(), "attached again");
     service.stop().await.unwrap();

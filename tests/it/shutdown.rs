@@ -7,7 +7,7 @@ use crate::support;
 use report_service::platform::clock::SystemClock;
 use std::sync::Arc;
 use std::time::Duration;
-use support::amqp::{Client, Names, Seen, collect_into, data_file, expected_data, next_json, note};
+use support::amqp::{self, Client, Names, Seen, collect_into, data_file, expected_data, next_json};
 use support::worker::{READY, Worker};
 use support::{start_service, task};
 
@@ -43,19 +43,15 @@ async fn sigterm_with_tasks_in_flight_loses_nothing_and_exits_zero() {
     let second = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
     let check = |report: &serde_json::Value| {
         let i = report["correlation_id"].as_u64().unwrap();
-        assert_eq!(report["data"], expected_data(&records, &phones(i)), "task {i}");
+        amqp::agrees(&report["data"], &expected_data(&records, &phones(i)), format_args!("task {i}"))
     };
-    let mut seen = Seen::new();
-    note(&mut seen, first, check);
+    let mut seen = Seen::default();
+    seen.note(first, check);
     collect_into(&mut reports, &mut seen, tasks as usize, check).await;
-    assert_eq!(seen.len(), tasks as usize, "no task lost");
     let metrics = Arc::clone(second.metrics());
     second.stop().await.unwrap();
     let answered_by_second = metrics.tasks_with(report_service::ops::metrics::Outcome::Answered);
-    let duplicates: usize = seen.values().map(|(_, n)| n - 1).sum();
-    eprintln!(
-        "SIGTERM: sent {tasks}, answered {}, duplicates {duplicates}, wrong 0; {answered_by_second} by the second instance",
-        seen.len()
-    );
+    eprintln!("SIGTERM: {}; {answered_by_second} by the second instance", seen.figures(tasks));
+    seen.assert_all_right(tasks);
     assert!(answered_by_second > 0, "the scenario needs tasks left after SIGTERM");
 }

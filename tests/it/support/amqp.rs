@@ -272,37 +272,91 @@ pub(crate) async fn next_json(consumer: &mut Consumer) -> (serde_json::Value, De
     (json, delivery)
 }
 
-/// Reports by correlation id: the first copy, and how many copies arrived. Every copy
-/// is checked on arrival (a redelivered task answered twice must be right both times).
-pub(crate) type Seen = HashMap<String, (serde_json::Value, usize)>;
+/// What a collection received: the first copy of every report by correlation id with
+/// how many copies arrived, and every copy that disagreed with the reference (each copy
+/// is checked on arrival: a redelivered task answered twice must be right both times).
+#[derive(Debug, Default)]
+pub(crate) struct Seen {
+    pub(crate) reports: HashMap<String, (serde_json::Value, usize)>,
+    /// One line per wrong copy: what the check found.
+    pub(crate) wrong: Vec<String>,
+}
+
+impl Seen {
+    /// Distinct correlation ids answered.
+    pub(crate) fn answered(&self) -> usize {
+        self.reports.len()
+    }
+
+    /// Copies beyond the first of each report.
+    pub(crate) fn duplicates(&self) -> usize {
+        self.reports.values().map(|(_, n)| n - 1).sum()
+    }
+
+    /// Checks and counts one report.
+    pub(crate) fn note(&mut self, report: serde_json::Value, check: impl Fn(&serde_json::Value) -> Result<(), String>) {
+        if let Err(problem) = check(&report) {
+            self.wrong.push(problem);
+        }
+        self.reports.entry(report["correlation_id"].to_string()).or_insert((report, 0)).1 += 1;
+    }
+
+    /// The figures a fault scenario prints: answered, duplicates and wrong, as counted.
+    pub(crate) fn figures(&self, sent: u64) -> String {
+        let (answered, duplicates, wrong) = (self.answered(), self.duplicates(), self.wrong.len());
+        format!("sent {sent}, answered {answered}, duplicates {duplicates}, wrong {wrong}")
+    }
+
+    /// Fails unless exactly `sent` tasks were answered and no copy was wrong.
+    pub(crate) fn assert_all_right(&self, sent: u64) {
+        let shown = &self.wrong[..self.wrong.len().min(3)];
+        assert!(self.wrong.is_empty(), "{} wrong copies, e.g. {shown:?}", self.wrong.len());
+        assert_eq!(self.answered(), sent as usize, "{}", self.figures(sent));
+    }
+}
+
+/// A check's verdict: `got` equals `expected`, or a line saying where they differ.
+pub(crate) fn agrees(
+    got: &serde_json::Value,
+    expected: &serde_json::Value,
+    what: impl std::fmt::Display,
+) -> Result<(), String> {
+    if got == expected { Ok(()) } else { Err(format!("{what}: got {got}, expected {expected}")) }
+}
 
 /// Collects reports, checking each copy with `check`, until `want` distinct correlation
-/// ids were seen.
-pub(crate) async fn collect(consumer: &mut Consumer, want: usize, check: impl Fn(&serde_json::Value)) -> Seen {
-    let mut seen = Seen::new();
+/// ids were seen or none arrived for [`WAIT`]; the caller compares the counts.
+pub(crate) async fn collect(
+    consumer: &mut Consumer,
+    want: usize,
+    check: impl Fn(&serde_json::Value) -> Result<(), String>,
+) -> Seen {
+    let mut seen = Seen::default();
     collect_into(consumer, &mut seen, want, check).await;
     seen
 }
 
-/// Adds reports to `seen`, checking each copy, until it holds `want` distinct ids. A
+/// Adds reports to `seen`, checking each copy, until it holds `want` distinct ids or
+/// none arrived for [`WAIT`] (what arrived is kept; the caller compares the counts). A
 /// report received before (say, the one that showed a fault could be injected) must be
 /// noted first, so a redelivered copy of it is not taken for a new task.
 pub(crate) async fn collect_into(
     consumer: &mut Consumer,
     seen: &mut Seen,
     want: usize,
-    check: impl Fn(&serde_json::Value),
+    check: impl Fn(&serde_json::Value) -> Result<(), String>,
 ) {
-    while seen.len() < want {
-        let (report, _) = next_json(consumer).await;
-        note(seen, report, &check);
+    while seen.answered() < want {
+        let Ok(delivery) = tokio::time::timeout(WAIT, consumer.next()).await else {
+            return;
+        };
+        let delivery = delivery.expect("consumer open").expect("delivery");
+        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        match serde_json::from_slice(&delivery.data) {
+            Ok(report) => seen.note(report, &check),
+            Err(e) => seen.wrong.push(format!("not JSON ({e}): {}", String::from_utf8_lossy(&delivery.data))),
+        }
     }
-}
-
-/// Checks and counts one report.
-pub(crate) fn note(seen: &mut Seen, report: serde_json::Value, check: impl Fn(&serde_json::Value)) {
-    check(&report);
-    seen.entry(report["correlation_id"].to_string()).or_insert((report, 0)).1 += 1;
 }
 
 /// The command that runs `rabbitmqctl` against the test broker: `TEST_RABBITMQCTL` (words
@@ -377,11 +431,34 @@ pub(crate) fn data_file(dir: &Path, phones: u64, per_phone: u64) -> (std::path::
 
 /// The expected `data` array of a report for `phones` (deduplicated, in order).
 pub(crate) fn expected_data(records: &[super::RefRecord], phones: &[u64]) -> serde_json::Value {
-    let phones = report_service::message::dedup_phones(phones.iter().copied());
-    let stats = super::reference_stats(records, &phones);
-    let data: Vec<report_service::message::PhoneReport> =
-        phones.iter().zip(&stats).map(|(&phone, s)| report_service::message::PhoneReport::new(phone, s)).collect();
-    serde_json::from_slice(&sonic_rs::to_vec(&data).expect("serialise")).expect("json")
+    // Written from the contract (README, "Message contract"), sharing nothing with the
+    // crate's report code: each phone once, in first-seen order; prices are duration x 10
+    // (milliseconds / 100), the mean in seconds, `null` without calls.
+    let mut seen = std::collections::HashSet::new();
+    let entries = phones
+        .iter()
+        .filter(|&&phone| seen.insert(phone))
+        .map(|&phone| {
+            let ms: Vec<i64> = records.iter().filter(|r| r.phone == phone).map(|r| r.end_date - r.start_date).collect();
+            let n = ms.len() as u64;
+            let count = |keep: &dyn Fn(i64) -> bool| ms.iter().filter(|&&d| keep(d)).count() as u64;
+            let or_null = |value: Option<f64>| value.map_or(serde_json::Value::Null, |v| serde_json::json!(v));
+            serde_json::json!({
+                "phone": phone,
+                "cnt_all_attempts": n,
+                "cnt_att_dur": {
+                    "10_sec": count(&|d| d <= 10_000),
+                    "10_30_sec": count(&|d| d > 10_000 && d <= 30_000),
+                    "30_sec": count(&|d| d > 30_000),
+                },
+                "min_price_att": or_null(ms.iter().min().map(|&d| d as f64 / 100.0)),
+                "max_price_att": or_null(ms.iter().max().map(|&d| d as f64 / 100.0)),
+                "avg_dur_att": or_null((n > 0).then(|| ms.iter().sum::<i64>() as f64 / (n as f64 * 1000.0))),
+                "sum_price_att_over_15": ms.iter().filter(|&&d| d > 15_000).sum::<i64>() as f64 / 100.0,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(entries)
 }
 
 /// Every message now in `queue`, taken with `basic.get` and acked, oldest first. For

@@ -117,15 +117,28 @@ impl Worker {
         self.count(needle) > 0
     }
 
-    /// Resident memory in KiB.
+    /// Resident memory in KiB; a process whose memory cannot be read fails the test
+    /// (a 0 would turn every memory bound into one that always holds).
     pub(crate) fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            .unwrap_or(0)
+        let path = format!("/proc/{}/status", self.child.id());
+        let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        vm_rss_kib(&status).unwrap_or_else(|| panic!("{path} has no VmRSS line:\n{status}"))
     }
+}
+
+/// The `VmRSS` figure (KiB) of a `/proc/<pid>/status` text, if it has a positive one
+/// (a live process always does; a zombie's line is missing).
+fn vm_rss_kib(status: &str) -> Option<u64> {
+    let field = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    field.trim().strip_suffix("kB")?.trim().parse().ok().filter(|&kib| kib > 0)
+}
+
+#[test]
+fn rss_is_read_from_the_status_line_and_missing_is_none() {
+    assert_eq!(vm_rss_kib("Name:\tx\nVmRSS:\t   12345 kB\nVmData:\t1 kB\n"), Some(12_345));
+    assert_eq!(vm_rss_kib("Name:\tx\nState:\tZ (zombie)\n"), None);
+    assert_eq!(vm_rss_kib("VmRSS:\t0 kB\n"), None);
+    assert_eq!(vm_rss_kib("VmRSS:\tlots\n"), None);
 }
 
 /// `GET path` on `addr`: (status code, body).
