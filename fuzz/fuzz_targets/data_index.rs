@@ -1,33 +1,8 @@
-//! Any bytes as data.json: never a panic or a hang; the serial, single-bucket and the
-//! speculative parallel, bucketed index builds agree (same phones and spans, or the same
-//! first error).
+//! Fuzzes `checks/data_index.rs` (what it asserts is written there; the test suite replays the
+//! committed corpus through the same check).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use report_service::data::{BuildShape, PhoneIndex};
-use report_service::platform::pool::WorkerPool;
-use std::sync::OnceLock;
+#[path = "../checks/data_index.rs"]
+mod checks;
 
-fn pool() -> &'static WorkerPool {
-    static POOL: OnceLock<WorkerPool> = OnceLock::new();
-    POOL.get_or_init(|| WorkerPool::new("fuzz", 2).expect("pool"))
-}
-
-fuzz_target!(|data: &[u8]| {
-    let serial = PhoneIndex::build_shaped(data, pool(), BuildShape { regions: 1, bucket_bits: 0 });
-    let parallel = PhoneIndex::build_shaped(data, pool(), BuildShape { regions: 5, bucket_bits: 3 });
-    match (&serial, &parallel) {
-        (Ok(a), Ok(b)) => {
-            assert_eq!(a.summary().records, b.summary().records);
-            assert_eq!(a.summary().negative_durations, b.summary().negative_durations);
-            let mut phones = b.phones().to_vec();
-            phones.sort_unstable();
-            assert_eq!(a.phones(), phones, "the same phones");
-            for &phone in &phones {
-                assert_eq!(a.spans(phone), b.spans(phone), "the same spans of {phone}");
-            }
-        }
-        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "different first errors"),
-        _ => panic!("serial {serial:?} but parallel {parallel:?}"),
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::check(data));

@@ -129,6 +129,75 @@ mod tests {
         (addr, stop, server)
     }
 
+    /// `GET path`: the status code and body.
+    fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+    }
+
+    /// 503 while the data is indexed (the endpoint is bound first for exactly this), while
+    /// no consumer is attached, and while an undecodable message blocks the queue; 200
+    /// only with all three right. The body names each part.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_is_503_until_indexed_and_attached_and_while_a_message_is_stuck() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let health = Arc::new(Health::default());
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, Arc::clone(&health), Arc::new(Metrics::new()), stop.clone()));
+        let steps = [
+            (
+                false,
+                false,
+                false,
+                503,
+                r#"{"ready":false,"index_ready":false,"consumer_attached":false,"undecodable_message":false}"#,
+            ),
+            (
+                true,
+                false,
+                false,
+                503,
+                r#"{"ready":false,"index_ready":true,"consumer_attached":false,"undecodable_message":false}"#,
+            ),
+            (
+                false,
+                true,
+                false,
+                503,
+                r#"{"ready":false,"index_ready":false,"consumer_attached":true,"undecodable_message":false}"#,
+            ),
+            (
+                true,
+                true,
+                false,
+                200,
+                r#"{"ready":true,"index_ready":true,"consumer_attached":true,"undecodable_message":false}"#,
+            ),
+            (
+                true,
+                true,
+                true,
+                503,
+                r#"{"ready":false,"index_ready":true,"consumer_attached":true,"undecodable_message":true}"#,
+            ),
+        ];
+        for (index, consumer, stuck, status, body) in steps {
+            health.set_index_ready(index);
+            health.set_consumer_attached(consumer);
+            health.set_undecodable(stuck);
+            let got = tokio::task::spawn_blocking(move || get(addr, "/health")).await.unwrap();
+            assert_eq!(got, (status, body.to_owned()), "index {index}, consumer {consumer}, stuck {stuck}");
+        }
+        stop.cancel();
+        server.await.unwrap().unwrap();
+    }
+
     /// Idle clients hold at most `MAX_CONNECTIONS` sockets, each only until its header
     /// timeout; whoever comes next is served; a shutdown does not wait for them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

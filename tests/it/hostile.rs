@@ -261,6 +261,71 @@ async fn headers_nested_two_thousand_deep_do_not_crash_the_process() {
     assert!(dropped.starts_with("nested deeper than"), "{dropped}");
 }
 
+/// The README's bound, on the build users run: headers nested as deep as one 128 KiB
+/// frame holds (tables 21,800 deep, arrays 26,000 deep) are decoded and answered by the
+/// release binary, which then answers an ordinary task. A debug build needs ~12 KiB of
+/// stack per level and cannot, so this needs `TEST_RELEASE_WORKER` (the path of a
+/// release build; CI builds one and runs it).
+#[tokio::test]
+#[ignore = "needs TEST_RELEASE_WORKER=target/release/report-service (CI runs it)"]
+async fn headers_as_deep_as_a_frame_holds_are_answered_by_the_release_build() {
+    let binary = std::env::var("TEST_RELEASE_WORKER").expect("TEST_RELEASE_WORKER: a release build of report-service");
+    let names = Names::unique("deepest");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 10, 100);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let mut worker = Worker::start_binary(binary.as_ref(), &names, &data, dir.path(), &[]);
+    worker.wait_for(READY);
+    // The deepest nesting whose content header still fits one frame: a header frame's
+    // payload is at most FRAME_MAX - 8 bytes.
+    let deepest = |level: fn(RawValue) -> RawValue| {
+        move || {
+            let header_bytes = |depth: usize| {
+                let mut value = RawValue::Void;
+                for _ in 0..depth {
+                    value = level(value);
+                }
+                let properties = RawProperties {
+                    headers: Some(RawTable::from_fields(vec![(b"a".to_vec(), value)])),
+                    ..RawProperties::default()
+                };
+                (amqp_raw::content_header(&properties, 64).len(), properties)
+            };
+            let (one, _) = header_bytes(1);
+            let (two, _) = header_bytes(2);
+            let depth = 1 + (amqp_raw::FRAME_MAX as usize - 8 - one) / (two - one);
+            let (bytes, properties) = header_bytes(depth);
+            assert!(bytes <= amqp_raw::FRAME_MAX as usize - 8 && header_bytes(depth + 1).0 > bytes);
+            (depth, properties)
+        }
+    };
+    let table: fn(RawValue) -> RawValue = |inner| RawValue::Table(vec![(Vec::new(), inner)]);
+    let array: fn(RawValue) -> RawValue = |inner| RawValue::Array(vec![inner]);
+    for (id, (kind, level)) in [(1u64, ("tables", table)), (2, ("arrays", array))] {
+        // Building, encoding and dropping the nested value recurse: on a thread with room.
+        let (queue, body) = (names.tasks.clone(), task(id, &[id]));
+        let build = deepest(level);
+        let depth = std::thread::Builder::new()
+            .stack_size(1 << 30)
+            .spawn(move || {
+                let (depth, properties) = build();
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(publish_raw(&queue, properties, body.as_bytes()));
+                depth
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        eprintln!("{kind} nested {depth} deep");
+        assert!(depth >= if kind == "tables" { 21_800 } else { 26_000 }, "{kind}: {depth}");
+        let (report, _) = next_json(&mut reports).await;
+        assert_eq!((report["correlation_id"].as_u64(), &report["data"]), (Some(id), &expected_data(&records, &[id])));
+    }
+    answers_an_ordinary_task(&client, &mut reports, &records, 3).await;
+    assert!(worker.child.try_wait().unwrap().is_none(), "still running");
+}
+
 /// The broker closes only the publishing channel while tasks flow (as it does for a
 /// publish it refuses): the session is seen broken, reconnects, and every task is
 /// answered, each copy correct.
@@ -300,6 +365,40 @@ async fn a_closed_publishing_channel_is_noticed_and_every_task_answered() {
     service.stop().await.unwrap();
     assert!(metrics.reconnects.get() >= 1);
     assert_eq!(metrics.tasks_in_flight.get(), 0);
+}
+
+/// With no task flowing, nothing publishes, so only the session check (every second)
+/// can see that the broker closed the publishing channel: it does, the service
+/// reconnects, and the next task is answered. (A session that waited for a publish to
+/// fail would answer that task only after a failed attempt and a retry delay.) The
+/// bound asserted is five times the check interval, so the test fails if the check is
+/// gone or far slower, not on a slow machine.
+#[tokio::test]
+async fn a_publishing_channel_closed_while_idle_is_seen_by_the_session_check() {
+    let names = Names::unique("idleclose");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 10, 100);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    answers_an_ordinary_task(&client, &mut reports, &records, 1).await;
+    let queue = names.tasks.clone();
+    let broken = tokio::task::spawn_blocking(move || {
+        amqp::break_channel_of(&format!("queue {queue}"), |numbers| *numbers.last().expect("channels"))
+    })
+    .await
+    .unwrap();
+    let since = Instant::now();
+    assert!(broken > 1);
+    health_until(&service, |s| s.ready() && s.sessions >= 2).await;
+    let noticed = since.elapsed();
+    eprintln!("an idle session saw its publishing channel closed and reconnected in {noticed:?}");
+    assert!(noticed < Duration::from_secs(5), "took {noticed:?}");
+    answers_an_ordinary_task(&client, &mut reports, &records, 2).await;
+    let metrics = Arc::clone(service.metrics());
+    service.stop().await.unwrap();
+    assert_eq!(metrics.reconnects.get(), 1);
+    assert_eq!(metrics.tasks_with(Outcome::Retried), 0, "no task failed on the closed channel");
 }
 
 /// A clock that panics while armed: the engine reads it at the start of every task.

@@ -10,6 +10,7 @@ mod cluster;
 mod datagen;
 mod differential;
 mod faults;
+mod fuzz_replay;
 mod golden;
 mod hostile;
 mod malformed_data;

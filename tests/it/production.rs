@@ -12,6 +12,7 @@ use std::sync::Arc;
 use support::amqp::{
     BrokerUser, Client, Names, Policy, data_file, expected_data, header_text, next, next_json, publish_raw,
 };
+use support::worker::{READY, Worker, http_get};
 use support::{start_service, task};
 
 /// `report-service permissions` for `names`' queues and the default user.
@@ -80,6 +81,49 @@ async fn the_printed_minimum_permissions_are_enough_for_every_path() {
     assert_eq!(metrics.undecodable.get(), 1);
 }
 
+/// `/health`, what an orchestrator routes by: served from before the data is indexed
+/// (so it can say "not ready" meanwhile), 503 with `consumer_attached: false` while the
+/// broker cannot be reached (at startup, and after it goes away under a running worker),
+/// 200 once the worker is attached again, which then answers.
+/// (Multi-threaded: the proxy runs on the test's runtime while the test blocks on the
+/// child's log.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_while_the_broker_is_unreachable_and_200_once_attached() {
+    let names = Names::unique("health");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 10, 100);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let proxy = support::proxy::Proxy::start(support::amqp::broker_address()).await;
+    proxy.set_down(true);
+    let url = proxy.url();
+    let mut worker = Worker::start(&names, &data, dir.path(), &[("AMQP_URL", url.as_str())]);
+    let http = worker.http_addr();
+    worker.wait_for("data indexed");
+    let serving = worker.log.iter().position(|l| l.contains("serving /health and /metrics"));
+    let indexed = worker.log.iter().position(|l| l.contains("data indexed"));
+    assert!(serving < indexed, "/health is served while the data is indexed");
+    let health = || tokio::task::spawn_blocking(move || http_get(http, "/health"));
+    let unreachable = r#"{"ready":false,"index_ready":true,"consumer_attached":false,"undecodable_message":false}"#;
+
+    worker.wait_for("cannot reach the broker");
+    assert_eq!(health().await.unwrap(), (503, unreachable.to_owned()), "at startup");
+    proxy.set_down(false);
+    worker.wait_for(READY);
+    let ready = r#"{"ready":true,"index_ready":true,"consumer_attached":true,"undecodable_message":false}"#;
+    assert_eq!(health().await.unwrap(), (200, ready.to_owned()));
+
+    proxy.set_down(true);
+    worker.wait_for("cannot reach the broker");
+    assert_eq!(health().await.unwrap(), (503, unreachable.to_owned()), "after the broker went away");
+    proxy.set_down(false);
+    worker.wait_for(READY);
+    assert_eq!(health().await.unwrap(), (200, ready.to_owned()));
+    client.send(&task(1, &[1, 2])).await;
+    let (report, _) = next_json(&mut reports).await;
+    assert_eq!(report["data"], expected_data(&records, &[1, 2]));
+}
+
 #[cfg(feature = "tls")]
 mod tls {
     use super::*;
@@ -118,6 +162,47 @@ mod tls {
         let dead = drain_queue(&client.channel, &names.dlq).await;
         assert_eq!(dead.len(), 1);
         assert_eq!(header_text(&dead[0].delivery.properties, "x-rejection-reason").as_deref(), Some("undecodable"));
+        assert_eq!(metrics.undecodable.get(), 1);
+        assert!(listener.handshakes() >= 3, "a reconnect and the sweeper's connection: {}", listener.handshakes());
+    }
+
+    /// The worker's own client certificate: against a listener that requires one, the
+    /// service answers, and its raw client (the undecodable-message sweeper) presents the
+    /// certificate too. The listener counts only completed handshakes, so a client that
+    /// left the certificate out would never be counted.
+    #[tokio::test]
+    async fn the_service_presents_its_client_certificate_to_a_listener_that_requires_one() {
+        let authority = Authority::new("worker-mtls");
+        let listener = TlsListener::start(&authority, true);
+        let names = Names::unique("wmtls");
+        let dir = tempfile::tempdir().unwrap();
+        let (data, records) = data_file(dir.path(), 10, 100);
+        let client = Client::new(&names).await;
+        let mut reports = client.consume(&names.reports).await;
+        let (ca, cert, key) = (authority.path("ca.pem"), authority.path("client.pem"), authority.path("client.key"));
+        let (ca, cert, key) = (ca.display().to_string(), cert.display().to_string(), key.display().to_string());
+        let url = listener.url();
+        let settings = [
+            ("AMQP_URL", url.as_str()),
+            ("AMQP_CA_FILE", ca.as_str()),
+            ("AMQP_CLIENT_CERT_FILE", cert.as_str()),
+            ("AMQP_CLIENT_KEY_FILE", key.as_str()),
+        ];
+        let service = start_service(&names, &data, dir.path(), &settings, Arc::new(SystemClock)).await;
+        client.send(&task(1, &[1, 2, 3])).await;
+        let (report, _) = next_json(&mut reports).await;
+        assert_eq!(report["data"], expected_data(&records, &[1, 2, 3]));
+        assert_eq!(listener.handshakes(), 1, "the service's connection presented its certificate");
+
+        let poison = RawProperties { reply_to: Some(vec![0xc3]), ..RawProperties::default() };
+        publish_raw(&names.tasks, poison, task(2, &[1]).as_bytes()).await;
+        client.send(&task(3, &[4])).await;
+        let (report, _) = next_json(&mut reports).await;
+        assert_eq!((report["correlation_id"].as_u64(), &report["data"]), (Some(3), &expected_data(&records, &[4])));
+        let metrics = Arc::clone(service.metrics());
+        service.stop().await.unwrap();
+        let dead = drain_queue(&client.channel, &names.dlq).await;
+        assert_eq!(dead.len(), 1, "the sweeper reached the broker through the mutual-TLS listener");
         assert_eq!(metrics.undecodable.get(), 1);
         assert!(listener.handshakes() >= 3, "a reconnect and the sweeper's connection: {}", listener.handshakes());
     }

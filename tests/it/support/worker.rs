@@ -29,8 +29,19 @@ impl Worker {
         dir: &std::path::Path,
         extra: &[(&str, &str)],
     ) -> Worker {
+        Worker::start_binary(env!("CARGO_BIN_EXE_report-service").as_ref(), names, data, dir, extra)
+    }
+
+    /// [`Worker::start`] with another build of the binary (say, the release one).
+    pub(crate) fn start_binary(
+        binary: &std::path::Path,
+        names: &Names,
+        data: &std::path::Path,
+        dir: &std::path::Path,
+        extra: &[(&str, &str)],
+    ) -> Worker {
         names.expect_service(extra);
-        let mut command = Command::new(env!("CARGO_BIN_EXE_report-service"));
+        let mut command = Command::new(binary);
         command
             .envs(names.vars())
             .env("DATA_PATH", data)
