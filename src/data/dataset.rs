@@ -274,6 +274,34 @@ fn other_layout(bytes: &[u8], pos: usize, phone: u64, stats: &mut CallStats) -> 
 mod tests {
     use super::*;
 
+    /// A phone with more compact records than one i64 tally may hold (2^19 of the
+    /// longest durations would overflow it) is still summed exactly: the loop moves the
+    /// tally into the exact aggregate before it fills. One record's span, repeated, stands
+    /// for a phone with a million calls.
+    #[test]
+    fn a_million_of_the_longest_calls_are_summed_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.json");
+        // The longest call two thirteen-digit dates can describe (the compact layout).
+        let (start, end) = (1_000_000_000_000_i64, 9_999_999_999_999_i64);
+        let longest = end - start;
+        // Spaces after it: the last bytes of a file take the general path.
+        let padding = " ".repeat(256);
+        std::fs::write(&path, format!(r#"[{{"phone":5,"start_date":{start},"end_date":{end}}}{padding}]"#)).unwrap();
+        let pool = WorkerPool::new("test", 1).unwrap();
+        let dataset = Dataset::open(&path, &pool).unwrap();
+        let calls = (Tally::MAX_RECORDS * 2 + 1) as usize;
+        let spans = vec![dataset.index().spans(5)[0]; calls];
+        let prefix = PhonePrefix::new(5);
+        assert!(prefix.duration::<true>(dataset.mapping.bytes(), spans[0].start()).is_some(), "a compact record");
+        let stats = dataset.aggregate_here(&spans, &prefix).unwrap();
+        assert_eq!(stats.records, calls as u64);
+        assert_eq!(stats.total_ms, i128::from(longest) * calls as i128);
+        assert_eq!(stats.over_15s_total_ms, stats.total_ms);
+        assert_eq!((stats.over_30s, stats.up_to_10s), (calls as u64, 0));
+        assert_eq!((stats.min_ms, stats.max_ms), (longest as i128, longest as i128));
+    }
+
     /// The AVX2 build of the loop and the baseline one agree on every span, compact
     /// records and others alike. On a CPU without AVX2 there is nothing to compare: the
     /// test says it was skipped rather than compare the baseline with itself.

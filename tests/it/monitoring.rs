@@ -120,9 +120,19 @@ async fn scrape_after_traffic(label: &str) -> String {
     next_json(&mut reports).await;
     client.send("not json").await;
     next(&mut dead).await;
+    // The dead letter is counted once its publish is confirmed, which can be a moment
+    // after the copy reaches the DLQ's consumer: scrape until it is (bounded).
     let http = service.http_addr();
-    let (status, text) = tokio::task::spawn_blocking(move || http_get(http, "/metrics")).await.unwrap();
-    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let (status, text) = tokio::task::spawn_blocking(move || http_get(http, "/metrics")).await.unwrap();
+        assert_eq!(status, 200);
+        if text.contains("report_service_dead_lettered_total{") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "the dead letter was never counted:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     service.stop().await.unwrap();
     text
 }
