@@ -205,6 +205,23 @@ mod tests {
         assert_eq!(buckets(&of(&[30_001])), (0, 0, 1));
     }
 
+    /// The hot path's tally puts every boundary in the same bucket as the exact
+    /// aggregate: counted by hand, not compared with `CallStats::record`.
+    #[test]
+    fn the_tally_puts_each_boundary_where_the_contract_does() {
+        let tally = |durations: &[i64]| {
+            let mut tally = Tally::EMPTY;
+            durations.iter().for_each(|&ms| tally.add(ms));
+            CallStats::from(tally)
+        };
+        assert_eq!(buckets(&tally(&[-1, 0, 9_999, 10_000])), (4, 0, 0));
+        assert_eq!(buckets(&tally(&[10_001, 15_000, 15_001, 29_999, 30_000])), (0, 5, 0));
+        assert_eq!(buckets(&tally(&[30_001, 9_999_999])), (0, 0, 2));
+        let priced = tally(&[14_999, 15_000, 15_001, 30_000]);
+        assert_eq!((priced.over_15s_total_ms, priced.total_ms), (45_001, 75_000));
+        assert_eq!((priced.min_ms, priced.max_ms), (14_999, 30_000));
+    }
+
     #[test]
     fn only_durations_strictly_over_fifteen_seconds_are_priced_in_the_sum() {
         assert_eq!(of(&[14_999]).sum_price_over_15s(), 0.0);

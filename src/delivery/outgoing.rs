@@ -804,6 +804,36 @@ mod tests {
         };
         assert_eq!(copyable(&nested(MAX_HEADER_DEPTH)), Ok(()));
         assert!(copyable(&nested(MAX_HEADER_DEPTH + 1)).is_err());
+        // The same with tables alone: 32 levels of tables are copied, 33 are not.
+        let tables = |levels: usize| {
+            let mut table = FieldTable::default();
+            for _ in 1..levels {
+                let mut outer = FieldTable::default();
+                outer.insert("t".into(), AMQPValue::FieldTable(table));
+                table = outer;
+            }
+            table
+        };
+        assert_eq!(copyable(&tables(MAX_HEADER_DEPTH)), Ok(()));
+        assert_eq!(copyable(&tables(MAX_HEADER_DEPTH + 1)), Err("nested deeper than 32 levels".to_owned()));
+        // Sizes as encoded: a table's 4-byte length, then per field a 1-byte name length,
+        // the name, a type letter and the value (a long string: 4-byte length and bytes).
+        let sized = |string_bytes: usize| {
+            let mut table = FieldTable::default();
+            table.insert("big".into(), AMQPValue::LongString(vec![b'x'; string_bytes].into()));
+            table
+        };
+        assert_eq!(copyable(&sized(MAX_HEADER_BYTES - 13)), Ok(()));
+        assert_eq!(copyable(&sized(MAX_HEADER_BYTES - 12)), Err("65537 bytes, over the 65536-byte limit".to_owned()));
+        let mut two = sized(100);
+        two.insert("n".into(), AMQPValue::LongLongInt(7));
+        two.insert("tiny".into(), AMQPValue::Boolean(true));
+        let array = AMQPValue::FieldArray(
+            vec![AMQPValue::ShortShortInt(1), AMQPValue::LongString(b"ab".to_vec().into())].into(),
+        );
+        two.insert("list".into(), array);
+        // 4 + (1+3+1+4+100) + (1+1+1+8) + (1+4+1+1) + (1+4+1+4+(1+1)+(1+4+2)) = 150
+        assert_eq!(table_size(&two, 1), Some(150));
     }
 
     #[test]
