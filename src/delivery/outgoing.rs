@@ -343,7 +343,7 @@ fn value_size(value: &AMQPValue, depth: usize) -> Option<usize> {
         AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
         AMQPValue::DecimalValue(_) => 5,
         AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
-        AMQPValue::ShortString(s) => 4 + s.as_str().len(),
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
         AMQPValue::LongString(s) => 4 + s.len(),
         AMQPValue::ByteArray(b) => 4 + b.len(),
         AMQPValue::FieldTable(t) => table_size(t, depth + 1)?,
@@ -832,8 +832,11 @@ mod tests {
             vec![AMQPValue::ShortShortInt(1), AMQPValue::LongString(b"ab".to_vec().into())].into(),
         );
         two.insert("list".into(), array);
-        // 4 + (1+3+1+4+100) + (1+1+1+8) + (1+4+1+1) + (1+4+1+4+(1+1)+(1+4+2)) = 150
-        assert_eq!(table_size(&two, 1), Some(150));
+        two.insert("s".into(), AMQPValue::ShortString("abc".into()));
+        two.insert("b".into(), AMQPValue::ByteArray(vec![1, 2, 3, 4, 5].into()));
+        // 4 + (1+3+1+4+100) + (1+1+1+8) + (1+4+1+1) + (1+4+1+4+(1+1)+(1+4+2))
+        //   + (1+1+1+1+3) + (1+1+1+4+5) = 169
+        assert_eq!(table_size(&two, 1), Some(169));
     }
 
     #[test]
