@@ -922,6 +922,22 @@ mod tests {
         let lapin_names: std::collections::BTreeSet<Vec<u8>> =
             lapin.headers().as_ref().unwrap().inner().keys().map(|k| k.as_str().as_bytes().to_vec()).collect();
         assert_eq!(raw_names, lapin_names);
+
+        // The retry column too (the service retries only what lapin decoded, but the one
+        // routine must honour every fate for both drafts): priority kept as a property,
+        // header fields kept flat with their names.
+        let lapin = retry_properties(&full_original(FieldTable::default()), 2);
+        let raw = copy::<_, _, _, RawDraft>(&raw_original, Purpose::Retry { attempts: 2 });
+        assert_eq!((raw.priority, *lapin.priority()), (Some(7), Some(7)));
+        assert_eq!((raw.reply_to, raw.expiration, raw.user_id), (Some(b"replies".to_vec()), None, None));
+        let fields = raw.headers.unwrap().fields.unwrap();
+        assert_eq!(
+            fields,
+            vec![
+                (b"trace".to_vec(), RawValue::LongString(b"abc".to_vec())),
+                (ATTEMPTS_HEADER.as_bytes().to_vec(), RawValue::I64(2)),
+            ]
+        );
     }
 
     #[test]
@@ -938,5 +954,11 @@ mod tests {
         let fields = copy.headers.unwrap().fields.unwrap();
         let dropped = fields.iter().find(|(k, _)| k == b"x-original-headers-dropped").map(|(_, v)| v.clone());
         assert!(matches!(dropped, Some(RawValue::LongString(why)) if why.starts_with(b"65537 bytes, over")));
+        // Exactly at the limit: still copied.
+        let mut at_limit = vec![4, b'k', b'e', b'y', b'1', b'Z'];
+        at_limit.resize(MAX_HEADER_BYTES, 0);
+        let edge = RawProperties { headers: Some(RawTable::from_bytes(at_limit.clone())), ..Default::default() };
+        let fields = raw_dead_letter_properties(&edge, raw_origin(), &reason).headers.unwrap().fields.unwrap();
+        assert!(fields.contains(&(b"x-original-headers-raw".to_vec(), RawValue::Bytes(at_limit))));
     }
 }

@@ -171,6 +171,12 @@ mod tests {
         assert_eq!(attempts_of(&BasicProperties::default()), 0);
         assert_eq!(attempts_of(&with(AMQPValue::LongLongInt(3))), 3);
         assert_eq!(attempts_of(&with(AMQPValue::ShortShortUInt(2))), 2);
+        assert_eq!(attempts_of(&with(AMQPValue::ShortShortInt(4))), 4);
+        assert_eq!(attempts_of(&with(AMQPValue::ShortInt(5))), 5);
+        assert_eq!(attempts_of(&with(AMQPValue::ShortUInt(6))), 6);
+        assert_eq!(attempts_of(&with(AMQPValue::LongInt(7))), 7);
+        assert_eq!(attempts_of(&with(AMQPValue::LongUInt(8))), 8);
+        assert_eq!(attempts_of(&with(AMQPValue::ShortShortInt(-1))), 0);
         assert_eq!(attempts_of(&with(AMQPValue::LongLongInt(-4))), 0);
         assert_eq!(attempts_of(&with(AMQPValue::LongLongInt(i64::MAX))), u32::MAX);
         assert_eq!(attempts_of(&with(AMQPValue::LongString("3".into()))), 0);

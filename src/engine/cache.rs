@@ -367,6 +367,49 @@ mod tests {
         assert!(cache.is_empty(), "the expired entry is dropped");
     }
 
+    /// What counts as live, everywhere it is asked: an entry of the epoch asked for,
+    /// strictly before its expiry. Phone 1 expires at 1,000, phone 2 at 2,000; phone 3
+    /// belongs to epoch 2.
+    #[test]
+    fn live_means_this_epoch_and_strictly_before_expiry_for_every_reader() {
+        let mut cache = cache(1, 10);
+        assert!(cache.is_empty());
+        cache.insert(1, answer(1), 1, 0);
+        cache.insert(2, answer(2), 1, 1_000);
+        cache.insert(3, answer(3), 2, 0);
+        assert!(!cache.is_empty());
+        let sorted = |mut phones: Vec<u64>| {
+            phones.sort();
+            phones
+        };
+        assert_eq!(sorted(cache.phones(1, 999)), [1, 2]);
+        assert_eq!(sorted(cache.phones(1, 1_000)), [2], "phone 1 expires at 1,000 exactly");
+        assert_eq!(sorted(cache.phones(2, 0)), [3]);
+        let fresh =
+            |cache: &Cache, epoch, now| sorted(cache.fresh_entries(epoch, now).iter().map(|e| e.phone).collect());
+        assert_eq!(fresh(&cache, 1, 999), [1, 2]);
+        assert_eq!(fresh(&cache, 1, 1_000), [2]);
+        // Purging for epoch 1 at 1,000 drops phone 1 (expired) and phone 3 (other data).
+        assert_eq!(cache.purge(1, 1_000), 2);
+        assert_eq!((cache.len(), cache.get(2, 1, 1_999)), (1, Some(answer(2))));
+        assert_eq!(cache.purge(1, 1_999), 0, "nothing live is purged");
+    }
+
+    /// The snapshot journal lists a phone once however often it changes between two
+    /// takes, and again after each take in which it changed.
+    #[test]
+    fn a_phone_changed_twice_is_journaled_once_and_again_after_it_was_saved() {
+        let mut cache = cache(600, 10);
+        cache.insert(5, answer(1), 1, 0);
+        cache.insert(5, answer(2), 1, 0);
+        let taken = cache.take_changes(1, 0);
+        assert_eq!(taken.iter().map(|c| (c.phone, c.stats.records)).collect::<Vec<_>>(), [(5, 2)]);
+        assert!(cache.take_changes(1, 0).is_empty(), "nothing changed since");
+        cache.insert(5, answer(3), 1, 0);
+        let taken = cache.take_changes(1, 0);
+        assert_eq!(taken.iter().map(|c| (c.phone, c.stats.records)).collect::<Vec<_>>(), [(5, 3)]);
+    }
+
     #[test]
     fn advancing_keeps_replaces_or_drops_each_entry_and_lists_them_for_the_snapshot() {
         let mut cache = cache(600, 10);
