@@ -338,6 +338,28 @@ mod tests {
         assert!(message.starts_with(r#"phones[1] is "x";"#), "{message}");
     }
 
+    /// Every limit at its edge, counted by hand: the phone limit itself is allowed; a
+    /// zero id is an integer; siblings do not add depth; details and excerpts are cut to
+    /// their byte budget with a marker.
+    #[test]
+    fn limits_hold_exactly_at_their_edges() {
+        let phones = (1..=LIMITS.max_phones as u64).map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+        let at_limit = task(&format!(r#"{{"correlation_id": 1, "phones": [{phones}]}}"#)).unwrap();
+        assert_eq!(at_limit.phones.unwrap().len(), LIMITS.max_phones);
+        let zero = task(r#"{"correlation_id": 0, "phones": []}"#).unwrap();
+        assert_eq!(zero.correlation_id.as_property(), "0");
+        assert!(matches!(zero.correlation_id, CorrelationId::Integer(_)));
+        let siblings = format!("{{\"phones\": [{}]}}", vec!["[[]]"; 100].join(","));
+        assert!(!nesting_exceeds(siblings.as_bytes(), 4), "100 siblings three deep are not 300 deep");
+        assert_eq!(clip_detail("d".repeat(MAX_DETAIL_BYTES)), "d".repeat(MAX_DETAIL_BYTES));
+        let clipped = clip_detail("d".repeat(MAX_DETAIL_BYTES + 1));
+        assert_eq!(clipped, format!("{}...", "d".repeat(253)));
+        let long = format!(r#"{{"correlation_id": 1, "phones": ["{}"]}}"#, "x".repeat(100));
+        let message = task(&long).unwrap().phones.unwrap_err().to_string();
+        // 64 bytes of the entry as written (its quote and 60 x's), then the marker.
+        assert!(message.starts_with(&format!("phones[0] is \"{}...;", "x".repeat(60))), "{message}");
+    }
+
     #[test]
     fn nesting_is_measured_outside_strings_only() {
         assert!(!nesting_exceeds(br#"{"correlation_id": 1, "phones": [1]}"#, 2));

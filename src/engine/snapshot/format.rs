@@ -273,6 +273,18 @@ mod tests {
         }
     }
 
+    /// A base snapshot cut right after its magic and version is too short, not "not a
+    /// snapshot": 12 bytes where the header and checksum need 8+4+8+16+16+8+8 + 4 = 72.
+    #[test]
+    fn a_base_cut_after_its_version_is_reported_as_too_short() {
+        let mut bytes = b"RSCACHE\0".to_vec();
+        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let short = decode_base_header(&bytes).err();
+        assert!(matches!(short, Some(SnapshotError::Length { len: 12, expected: 72 })), "{short:?}");
+        let cut = decode_base_header(&bytes[..11]).err();
+        assert!(matches!(cut, Some(SnapshotError::NotASnapshot)), "{cut:?}");
+    }
+
     #[test]
     fn a_base_round_trips_exactly_and_its_header_reads_alone() {
         assert_eq!(decode_base(&encode_base(&base())).unwrap(), base());
