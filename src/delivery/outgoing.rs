@@ -816,6 +816,18 @@ mod tests {
         };
         assert_eq!(copyable(&tables(MAX_HEADER_DEPTH)), Ok(()));
         assert_eq!(copyable(&tables(MAX_HEADER_DEPTH + 1)), Err("nested deeper than 32 levels".to_owned()));
+        // And arrays in arrays: a table holding 31 nested arrays is 32 levels, 32 are 33.
+        let arrays = |levels: usize| {
+            let mut value = AMQPValue::Void;
+            for _ in 1..levels {
+                value = array(vec![value]);
+            }
+            let mut table = FieldTable::default();
+            table.insert("a".into(), value);
+            table
+        };
+        assert_eq!(copyable(&arrays(MAX_HEADER_DEPTH)), Ok(()));
+        assert_eq!(copyable(&arrays(MAX_HEADER_DEPTH + 1)), Err("nested deeper than 32 levels".to_owned()));
         // Sizes as encoded: a table's 4-byte length, then per field a 1-byte name length,
         // the name, a type letter and the value (a long string: 4-byte length and bytes).
         let sized = |string_bytes: usize| {

@@ -3,9 +3,14 @@
 //! Building the index of a time-ordered file or a phone book holds each span's phone
 //! beside it until its bucket is grouped: a peak of about 24 bytes per record. Freed, that
 //! memory stays with glibc's allocator (its arenas keep chunks for reuse) and counts as
-//! the process's resident heap: on 20 M records over 8.6 M phones the service sat at
-//! 565 MB resident after startup where the index keeps 299 MB. Trimming after a build
-//! returns it: 293 MB.
+//! the process's resident heap: on 20 M records over 8.6 M phones a glibc build sat at
+//! 565 MB resident after startup where the index keeps 299 MB; trimming after the build
+//! returned it (293 MB).
+//!
+//! The binaries allocate with mimalloc (`src/bin/report-service.rs`), which this call does
+//! not reach: mimalloc returns free pages on its own, a few seconds after the build, but
+//! the same phone book settles at about 460 MB resident (README, "Memory"). The call stays
+//! for glibc builds of the library (the tests, the benches, other binaries).
 
 /// Returns the allocator's free memory to the operating system (glibc; elsewhere a
 /// no-op). Best effort, and cheap next to the build it follows.

@@ -59,6 +59,16 @@ async fn the_printed_minimum_permissions_are_enough_for_every_path() {
     // Dead-lettered before the poison drops the connection, which would leave its
     // settlement in doubt and, at least once, a second copy.
     assert_eq!(reason(next(&mut dead).await), "not_json");
+    // The copy is in the DLQ once its publish is confirmed; the original's ack follows.
+    // Outcomes are counted after the ack: wait for that count (bounded) before the poison.
+    let dead_lettered = || service.metrics().tasks_with(report_service::ops::metrics::Outcome::DeadLettered);
+    tokio::time::timeout(support::amqp::WAIT, async {
+        while dead_lettered() < 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the not_json task was never acked");
     let poison = RawProperties { message_id: Some(vec![0xff, 0xfe]), ..RawProperties::default() };
     publish_raw(&names.tasks, poison, task(2, &[1]).as_bytes()).await;
     client.send(&task(3, &[4])).await;
