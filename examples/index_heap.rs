@@ -15,14 +15,9 @@ mod counting;
 
 use counting::{CURRENT, PEAK};
 
-/// Resident anonymous memory of this process, in bytes.
+/// Resident anonymous memory of this process, in bytes (0 if the system does not say).
 fn rss_anon() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<usize>().ok());
-    kib.unwrap_or(0) * 1024
+    report_service::platform::heap::resident_anonymous_bytes().unwrap_or(0) as usize
 }
 
 fn main() -> anyhow::Result<()> {

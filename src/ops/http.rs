@@ -94,7 +94,7 @@ async fn health_status(State(shared): State<Shared>) -> impl IntoResponse {
 async fn metrics_text(State(shared): State<Shared>) -> impl IntoResponse {
     // The gauges that are a reading, not an event: taken when scraped.
     shared.metrics.ready.set(i64::from(shared.health.ready()));
-    if let Some(bytes) = Metrics::resident_anonymous_bytes() {
+    if let Some(bytes) = crate::platform::heap::resident_anonymous_bytes() {
         shared.metrics.heap_resident_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], shared.metrics.encode())

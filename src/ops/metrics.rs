@@ -411,14 +411,6 @@ impl Metrics {
         self.phones.get_or_create(&SourceLabel { source }).get()
     }
 
-    /// Resident anonymous memory of this process (`RssAnon` in `/proc/self/status`), if
-    /// the system says.
-    pub fn resident_anonymous_bytes() -> Option<u64> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let kib = status.lines().find_map(|l| l.strip_prefix("RssAnon:"))?.trim().strip_suffix("kB")?.trim();
-        kib.parse::<u64>().ok().map(|kib| kib * 1024)
-    }
-
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut text = String::new();

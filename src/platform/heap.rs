@@ -1,4 +1,5 @@
-//! Giving the index build's peak back to the operating system.
+//! The process's heap: giving the index build's peak back to the operating system, and
+//! how much of it is resident.
 //!
 //! Building the index of a time-ordered file or a phone book holds each span's phone
 //! beside it until its bucket is grouped: a peak of about 24 bytes per record. Freed, that
@@ -21,4 +22,12 @@ pub fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Resident anonymous memory of this process (`RssAnon` in `/proc/self/status`: the
+/// heap, not the mapped data), if the system says.
+pub fn resident_anonymous_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status.lines().find_map(|l| l.strip_prefix("RssAnon:"))?.trim().strip_suffix("kB")?.trim();
+    kib.parse::<u64>().ok().map(|kib| kib * 1024)
 }
