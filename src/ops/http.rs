@@ -118,15 +118,23 @@ mod tests {
     use super::*;
     use std::io::Read;
 
-    async fn endpoint() -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<std::io::Result<()>>) {
+    /// The endpoint serving `health`, on a free port.
+    async fn endpoint(
+        health: Arc<Health>,
+    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<std::io::Result<()>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let health = Arc::new(Health::default());
-        health.set_index_ready(true);
-        health.set_consumer_attached(true);
         let stop = CancellationToken::new();
         let server = tokio::spawn(serve(listener, health, Arc::new(Metrics::new()), stop.clone()));
         (addr, stop, server)
+    }
+
+    /// A worker's health once it is indexed and consuming.
+    fn ready() -> Arc<Health> {
+        let health = Arc::new(Health::default());
+        health.set_index_ready(true);
+        health.set_consumer_attached(true);
+        health
     }
 
     /// `GET path`: the status code and body.
@@ -145,11 +153,8 @@ mod tests {
     /// only with all three right. The body names each part.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn health_is_503_until_indexed_and_attached_and_while_a_message_is_stuck() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let health = Arc::new(Health::default());
-        let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, Arc::clone(&health), Arc::new(Metrics::new()), stop.clone()));
+        let (addr, stop, server) = endpoint(Arc::clone(&health)).await;
         let steps = [
             (
                 false,
@@ -202,7 +207,7 @@ mod tests {
     /// timeout; whoever comes next is served; a shutdown does not wait for them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn idle_clients_are_bounded_and_never_hold_the_shutdown() {
-        let (addr, stop, server) = endpoint().await;
+        let (addr, stop, server) = endpoint(ready()).await;
         let idle: Vec<std::net::TcpStream> =
             (0..MAX_CONNECTIONS + 8).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
         // One of the idle clients is closed by the server after the header timeout:
