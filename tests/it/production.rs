@@ -148,14 +148,42 @@ mod tls {
     async fn the_service_answers_over_amqps_and_sweeps_undecodable_messages_over_it() {
         let authority = Authority::new("service");
         let listener = TlsListener::start(&authority, false);
-        let names = Names::unique("tls");
+        answers_and_sweeps_over(&authority, &listener, "tls", false).await;
+    }
+
+    /// The worker's own client certificate: against a listener that requires one, the
+    /// service answers, and its raw client (the undecodable-message sweeper) presents the
+    /// certificate too. The listener counts only completed handshakes, so a client that
+    /// left the certificate out would never be counted.
+    #[tokio::test]
+    async fn the_service_presents_its_client_certificate_to_a_listener_that_requires_one() {
+        let authority = Authority::new("worker-mtls");
+        let listener = TlsListener::start(&authority, true);
+        answers_and_sweeps_over(&authority, &listener, "wmtls", true).await;
+    }
+
+    /// A worker reaching the broker only through `listener` (trusting `authority`, with its
+    /// client certificate when `client_certificate`): its first task answered over one TLS
+    /// connection; an undecodable message moved to the DLQ by the sweeper, over TLS too,
+    /// and the next task answered after the reconnect.
+    async fn answers_and_sweeps_over(
+        authority: &Authority,
+        listener: &TlsListener,
+        label: &str,
+        client_certificate: bool,
+    ) {
+        let names = Names::unique(label);
         let dir = tempfile::tempdir().unwrap();
         let (data, records) = data_file(dir.path(), 10, 100);
         let client = Client::new(&names).await;
         let mut reports = client.consume(&names.reports).await;
-        let ca = authority.path("ca.pem").display().to_string();
+        let file = |name: &str| authority.path(name).display().to_string();
+        let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
         let url = listener.url();
-        let settings = [("AMQP_URL", url.as_str()), ("AMQP_CA_FILE", ca.as_str())];
+        let mut settings = vec![("AMQP_URL", url.as_str()), ("AMQP_CA_FILE", ca.as_str())];
+        if client_certificate {
+            settings.extend([("AMQP_CLIENT_CERT_FILE", cert.as_str()), ("AMQP_CLIENT_KEY_FILE", key.as_str())]);
+        }
         let service = start_service(&names, &data, dir.path(), &settings, Arc::new(SystemClock)).await;
         client.send(&task(1, &[1, 2, 3])).await;
         let (report, _) = next_json(&mut reports).await;
@@ -170,49 +198,8 @@ mod tls {
         let metrics = Arc::clone(service.metrics());
         service.stop().await.unwrap();
         let dead = drain_queue(&client.channel, &names.dlq).await;
-        assert_eq!(dead.len(), 1);
+        assert_eq!(dead.len(), 1, "the sweeper reached the broker through the TLS listener");
         assert_eq!(header_text(&dead[0].delivery.properties, "x-rejection-reason").as_deref(), Some("undecodable"));
-        assert_eq!(metrics.undecodable.get(), 1);
-        assert!(listener.handshakes() >= 3, "a reconnect and the sweeper's connection: {}", listener.handshakes());
-    }
-
-    /// The worker's own client certificate: against a listener that requires one, the
-    /// service answers, and its raw client (the undecodable-message sweeper) presents the
-    /// certificate too. The listener counts only completed handshakes, so a client that
-    /// left the certificate out would never be counted.
-    #[tokio::test]
-    async fn the_service_presents_its_client_certificate_to_a_listener_that_requires_one() {
-        let authority = Authority::new("worker-mtls");
-        let listener = TlsListener::start(&authority, true);
-        let names = Names::unique("wmtls");
-        let dir = tempfile::tempdir().unwrap();
-        let (data, records) = data_file(dir.path(), 10, 100);
-        let client = Client::new(&names).await;
-        let mut reports = client.consume(&names.reports).await;
-        let (ca, cert, key) = (authority.path("ca.pem"), authority.path("client.pem"), authority.path("client.key"));
-        let (ca, cert, key) = (ca.display().to_string(), cert.display().to_string(), key.display().to_string());
-        let url = listener.url();
-        let settings = [
-            ("AMQP_URL", url.as_str()),
-            ("AMQP_CA_FILE", ca.as_str()),
-            ("AMQP_CLIENT_CERT_FILE", cert.as_str()),
-            ("AMQP_CLIENT_KEY_FILE", key.as_str()),
-        ];
-        let service = start_service(&names, &data, dir.path(), &settings, Arc::new(SystemClock)).await;
-        client.send(&task(1, &[1, 2, 3])).await;
-        let (report, _) = next_json(&mut reports).await;
-        assert_eq!(report["data"], expected_data(&records, &[1, 2, 3]));
-        assert_eq!(listener.handshakes(), 1, "the service's connection presented its certificate");
-
-        let poison = RawProperties { reply_to: Some(vec![0xc3]), ..RawProperties::default() };
-        publish_raw(&names.tasks, poison, task(2, &[1]).as_bytes()).await;
-        client.send(&task(3, &[4])).await;
-        let (report, _) = next_json(&mut reports).await;
-        assert_eq!((report["correlation_id"].as_u64(), &report["data"]), (Some(3), &expected_data(&records, &[4])));
-        let metrics = Arc::clone(service.metrics());
-        service.stop().await.unwrap();
-        let dead = drain_queue(&client.channel, &names.dlq).await;
-        assert_eq!(dead.len(), 1, "the sweeper reached the broker through the mutual-TLS listener");
         assert_eq!(metrics.undecodable.get(), 1);
         assert!(listener.handshakes() >= 3, "a reconnect and the sweeper's connection: {}", listener.handshakes());
     }
