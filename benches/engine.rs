@@ -114,19 +114,34 @@ fn index_load(c: &mut Criterion) {
     group.finish();
 }
 
+/// An engine over `layout`'s fixture (two threads, a ten-minute TTL, at most
+/// `max_entries` cached), its metrics, and a runtime to drive it; the fixture is kept so a
+/// generated file lives as long as the engine.
+struct Served {
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    runtime: tokio::runtime::Runtime,
+    _fixture: Fixture,
+}
+
+fn served(layout: Layout, max_entries: usize) -> Served {
+    let fixture = fixture(layout);
+    let pool = pool(2);
+    let dataset = Segments::open(&fixture.path, &pool).expect("valid fixture");
+    let metrics = Arc::new(Metrics::new());
+    let engine = Engine::builder(dataset, pool)
+        .cache(CacheSettings { ttl: Duration::from_secs(600), max_entries })
+        .metrics(Arc::clone(&metrics))
+        .build();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    Served { engine, metrics, runtime, _fixture: fixture }
+}
+
 /// A miss on the phone book through the engine, as a task meets it: ten numbers never
 /// asked for before (a lookup in the index of ~1 M numbers, single flight, a handful of
 /// records read, the answer and its JSON cached, CLOCK eviction once the cache is full).
 fn phone_book_miss(c: &mut Criterion) {
-    let fixture = fixture(Layout::ManyPhones);
-    let pool = WorkerPool::new("bench", 2).expect("pool");
-    let dataset = Segments::open(&fixture.path, &pool).expect("valid fixture");
-    let metrics = Arc::new(Metrics::new());
-    let engine = Engine::builder(dataset, pool)
-        .cache(CacheSettings { ttl: Duration::from_secs(600), max_entries: 100_000 })
-        .metrics(Arc::clone(&metrics))
-        .build();
-    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let Served { engine, metrics, runtime, _fixture } = served(Layout::ManyPhones, 100_000);
     let mut next = 0u64;
     let mut group = c.benchmark_group("phone_book_miss");
     group.throughput(Throughput::Elements(10));
@@ -168,15 +183,7 @@ fn cold_report(c: &mut Criterion) {
 /// A warm report: 10 phones, all cache hits, built and serialised (the service's path
 /// after the task is parsed).
 fn warm_report(c: &mut Criterion) {
-    let fixture = fixture(Layout::Sorted);
-    let pool = WorkerPool::new("bench", 2).expect("pool");
-    let dataset = Segments::open(&fixture.path, &pool).expect("valid fixture");
-    let metrics = Arc::new(Metrics::new());
-    let engine = Engine::builder(dataset, pool)
-        .cache(CacheSettings { ttl: Duration::from_secs(600), max_entries: 1_000 })
-        .metrics(Arc::clone(&metrics))
-        .build();
-    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let Served { engine, metrics, runtime, _fixture } = served(Layout::Sorted, 1_000);
     runtime.block_on(engine.stats(&TEN_PHONES)).expect("warm up the cache");
     let id = CorrelationId::integer("13242421424214").expect("integer");
     let mut group = c.benchmark_group("ten_phones_warm");
@@ -244,7 +251,7 @@ fn join_case(
     cached: usize,
 ) {
     let fixture = fixture(layout);
-    let workers = WorkerPool::new("bench", 2).expect("pool");
+    let workers = pool(2);
     let base = Arc::new(Segment::new("base.json", Dataset::open(&fixture.path, &workers).expect("fixture")));
     let all: &[u64] = base.dataset().index().phones();
     let phones: Vec<u64> = all.iter().copied().take(cached).collect();
