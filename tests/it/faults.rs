@@ -205,7 +205,7 @@ async fn sigkill_mid_load_then_restart_answers_everything_from_a_consistent_cach
         assert!(std::time::Instant::now() < deadline, "the snapshot holds {} of 50 phones", stored());
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    worker.signal("STOP");
+    worker.pause();
     for i in 300..2_000 {
         run.client.send(&task(i, &phones(i))).await;
     }

@@ -108,6 +108,28 @@ impl Worker {
         assert!(status.success(), "kill -{name}");
     }
 
+    /// Stops the process (SIGSTOP) and waits, bounded, until every one of its threads
+    /// is stopped. `kill` only queues the signal: the threads stop as each next enters
+    /// the kernel, so on a busy machine a running thread can go on for milliseconds (a
+    /// CI run once saw the worker answer a task sent after `kill -STOP` returned).
+    pub(crate) fn pause(&self) {
+        self.signal("STOP");
+        let threads = std::path::PathBuf::from(format!("/proc/{}/task", self.child.id()));
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let states: Vec<char> = std::fs::read_dir(&threads)
+                .expect("the worker's threads")
+                .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("stat")).ok())
+                .filter_map(|stat| thread_state(&stat))
+                .collect();
+            if !states.is_empty() && states.iter().all(|state| *state == 'T') {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the worker's threads are not all stopped: {states:?}");
+            std::thread::yield_now();
+        }
+    }
+
     /// Waits for the process to exit, at most `limit`; panics if it does not.
     pub(crate) fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
@@ -177,4 +199,18 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The state letter of a `/proc/<pid>/task/<tid>/stat` line: the first field after the
+/// command name, which is in parentheses and may itself hold spaces and parentheses.
+fn thread_state(stat: &str) -> Option<char> {
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+#[test]
+fn a_threads_state_is_read_after_its_command_name() {
+    assert_eq!(thread_state("4242 (tokio-runtime-w) T 1 4242 0"), Some('T'));
+    assert_eq!(thread_state("7 (a) b (c)) S 1 7"), Some('S'));
+    assert_eq!(thread_state("7 (unterminated S 1"), None);
+    assert_eq!(thread_state(""), None);
 }
