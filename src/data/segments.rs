@@ -104,6 +104,25 @@ impl Segments {
         self.parts.iter().map(|p| (p.dataset.path().to_owned(), p.dataset.persist(files))).collect()
     }
 
+    /// This set with every segment whose index was built here read through its stored
+    /// index file instead (see [`Dataset::with_stored_index`]); `None` when no segment
+    /// has such a file. The same files, so the same identity and the same answers.
+    pub fn with_stored_indexes(&self, files: &IndexFiles) -> Option<Segments> {
+        let mut swapped = false;
+        let parts = self
+            .parts
+            .iter()
+            .map(|part| match part.dataset.with_stored_index(files) {
+                Some(dataset) => {
+                    swapped = true;
+                    Arc::new(Segment::new(&part.name, dataset))
+                }
+                None => Arc::clone(part),
+            })
+            .collect();
+        swapped.then(|| Segments::of(parts))
+    }
+
     /// Why each segment whose index file could not be used was indexed anew.
     pub fn refused_indexes(&self) -> Vec<(PathBuf, String)> {
         self.parts
@@ -308,5 +327,44 @@ mod tests {
         assert!(next.has_records(2) && !next.has_records(1));
         assert_ne!(next.identity(), segments.identity());
         assert!(Arc::ptr_eq(segments.get("a.json").unwrap(), &segments.parts()[0]));
+    }
+
+    #[test]
+    fn built_indexes_are_swapped_for_their_stored_files_only_when_they_hold_this_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = IndexFiles::new(dir.path().join("indexes"));
+        for (name, phone) in [("a.json", 1), ("b.json", 2), ("c.json", 3)] {
+            let records = format!(
+                r#"[{{"phone":{phone},"start_date":0,"end_date":1000}},{{"phone":9,"start_date":0,"end_date":{phone}000}}]"#
+            );
+            std::fs::write(dir.path().join(name), records).unwrap();
+        }
+        let built = Segments::open_persisted(dir.path(), &pool(), &files).unwrap();
+        assert!(built.with_stored_indexes(&files).is_none(), "nothing stored yet");
+        assert!(built.persist(&files).iter().all(|(_, written)| matches!(written, Ok(true))));
+        std::fs::remove_file(files.file_of(&dir.path().join("c.json"))).unwrap();
+        // b.json replaced by rename, and the new version's index stored in its place.
+        std::fs::write(dir.path().join("b.new"), br#"[{"phone":2,"start_date":0,"end_date":5000}]"#).unwrap();
+        std::fs::rename(dir.path().join("b.new"), dir.path().join("b.json")).unwrap();
+        Segment::open(dir.path(), "b.json", &pool()).unwrap().dataset().persist(&files).unwrap();
+
+        let mapped = built.with_stored_indexes(&files).expect("a.json's index is stored");
+        assert_eq!(mapped.identity(), built.identity());
+        let origin = |s: &Segments, name: &str| s.get(name).unwrap().dataset().index_origin().clone();
+        assert_eq!(origin(&mapped, "a.json"), IndexOrigin::Loaded);
+        assert_eq!(origin(&mapped, "b.json"), IndexOrigin::Built, "another version's index is not used");
+        assert!(Arc::ptr_eq(mapped.get("b.json").unwrap(), built.get("b.json").unwrap()));
+        assert!(Arc::ptr_eq(mapped.get("c.json").unwrap(), built.get("c.json").unwrap()));
+        let heap = |s: &Segments, name: &str| s.get(name).unwrap().dataset().index().summary().heap_bytes;
+        assert!(heap(&built, "a.json") > 0);
+        assert_eq!(heap(&mapped, "a.json"), 0, "read in place");
+        assert_eq!(mapped.summary().heap_bytes, built.summary().heap_bytes - heap(&built, "a.json"));
+        for phone in [1, 2, 3, 9, 4] {
+            for name in ["a.json", "b.json", "c.json"] {
+                let spans = |s: &Segments| s.get(name).unwrap().dataset().index().spans(phone).to_vec();
+                assert_eq!(spans(&mapped), spans(&built), "phone {phone} in {name}");
+            }
+        }
+        assert!(mapped.with_stored_indexes(&files).is_none(), "nothing left to swap");
     }
 }

@@ -7,7 +7,7 @@
 //! pool and is awaited through a channel.
 
 use crate::data::stats::CallStats;
-use crate::data::{Segment, Segments, StaleData};
+use crate::data::{IndexFiles, Segment, Segments, StaleData};
 use crate::engine::cache::{Advanced, Answer, Cache, CachedPhone, ENTRY_BYTES, Fate};
 use crate::engine::compute;
 use crate::engine::snapshot::Delta;
@@ -178,6 +178,26 @@ impl Engine {
         drop(state);
         (self.inner.cache_changed)();
         epoch
+    }
+
+    /// Serves the data through the stored index files of the segments whose indexes were
+    /// built here (see [`Segments::with_stored_indexes`]), keeping the epoch and the
+    /// cache: the same files, so nothing a task sees changes; the heap copies are freed
+    /// when the last task using them ends. Returns whether it swapped: not when no such
+    /// file holds this version, nor when the data changed meanwhile (a reload won the
+    /// race; its own indexes are stored and swapped after it).
+    pub fn use_stored_indexes(&self, files: &IndexFiles) -> bool {
+        let old = self.current();
+        let Some(data) = old.data.with_stored_indexes(files) else { return false };
+        debug_assert_eq!(data.identity(), old.data.identity());
+        let next = Arc::new(Loaded { data, epoch: old.epoch });
+        let record = Arc::clone(&next);
+        let previous = self.inner.data.compare_and_swap(&old, next);
+        if !Arc::ptr_eq(&*previous, &old) {
+            return false;
+        }
+        record_data_metrics(&self.inner.metrics, &record.data, self.inner.cache_capacity);
+        true
     }
 
     /// Serves the current segments without those named in `removed` and with `added`
@@ -507,5 +527,30 @@ mod tests {
         assert_eq!(engine.stats(&[1]).await.unwrap()[0].stats.records, 1);
         assert_eq!(metrics.phones_with(Source::Cache), 0, "the old entry was never served");
         assert_eq!(engine.cached().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn stored_indexes_replace_built_ones_keeping_the_epoch_and_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = WorkerPool::new("test", 2).unwrap();
+        let (engine, metrics) = engine(Duration::from_secs(60), pool.clone(), dir.path());
+        let files = IndexFiles::new(dir.path().join("indexes"));
+        assert!(!engine.use_stored_indexes(&files), "no index file yet");
+        let first = engine.stats(&[1, 2]).await.unwrap();
+        assert!(engine.current().data.summary().heap_bytes > 0, "built here");
+        engine.current().data.persist(&files);
+        let bound = metrics.memory_bound_bytes.get();
+
+        assert!(engine.use_stored_indexes(&files));
+        let now = engine.current();
+        assert_eq!((now.epoch, now.data.summary().heap_bytes), (1, 0), "the same version, read in place");
+        assert!(metrics.memory_bound_bytes.get() < bound, "the bound no longer counts the built index");
+        let again = engine.stats(&[1, 2, 3]).await.unwrap();
+        let stats = |answers: &[Answer]| answers.iter().map(|a| a.stats).collect::<Vec<_>>();
+        assert_eq!(stats(&again[..2]), stats(&first));
+        assert_eq!(metrics.phones_with(Source::Cache), 2, "the cache was kept");
+        assert_eq!(again[2].stats, compute::compute(&now.data, &[3], &pool).unwrap()[0]);
+        assert_eq!(again[2].stats.records, 1_000);
+        assert!(!engine.use_stored_indexes(&files), "nothing left to swap");
     }
 }

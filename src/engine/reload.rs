@@ -57,9 +57,12 @@ pub struct Watch {
 const INDEX_FILE_GRACE: Duration = Duration::from_secs(60);
 
 /// Stores the indexes of `data` that were built here (not read from `files`), removes
-/// index files of data files that are gone, and counts and logs what it did. Blocking
-/// (file writes): run it on the reload pool.
-pub fn persist_indexes(data: &Segments, files: &IndexFiles, metrics: &Metrics) {
+/// index files of data files that are gone, and counts and logs what it did; then has
+/// `engine` serve the stored files in place of the built copies (see
+/// [`Engine::use_stored_indexes`]), so that the heap a build leaves behind is freed
+/// rather than kept for the life of the process. Blocking (file writes): run it on the
+/// reload pool.
+pub fn persist_indexes(engine: &Engine, data: Segments, files: &IndexFiles, metrics: &Metrics) {
     let started = Instant::now();
     let (mut written, mut failed) = (0u64, 0u64);
     for (path, result) in data.persist(files) {
@@ -72,12 +75,19 @@ pub fn persist_indexes(data: &Segments, files: &IndexFiles, metrics: &Metrics) {
             }
         }
     }
+    // Held no longer: the swap below frees the built copies once tasks are done with them.
+    drop(data);
     let removed = files.remove_stale(INDEX_FILE_GRACE) as u64;
     metrics.index_files(IndexEvent::Written, written);
     metrics.index_files(IndexEvent::WriteFailed, failed);
     metrics.index_files(IndexEvent::Removed, removed);
     if written + failed + removed > 0 {
         info!(written, failed, removed, millis = started.elapsed().as_millis() as u64, dir = %files.dir().display(), "index files stored");
+    }
+    if written > 0 && engine.use_stored_indexes(files) {
+        let index_heap_bytes = engine.current().data.summary().heap_bytes;
+        info!(index_heap_bytes, "serving the stored index files; the indexes built in memory are freed");
+        crate::platform::heap::release_free_memory();
     }
 }
 
@@ -275,7 +285,8 @@ pub async fn watch_data(
         let new_segments = Segments::of(added.clone());
         record_index_origins(&new_segments, &metrics);
         let (persist_files, persist_metrics) = (index_files.clone(), Arc::clone(&metrics));
-        let persist = move || persist_indexes(&new_segments, &persist_files, &persist_metrics);
+        let persist_engine = engine.clone();
+        let persist = move || persist_indexes(&persist_engine, new_segments, &persist_files, &persist_metrics);
         let single_file = |names: &mut dyn Iterator<Item = &str>| names.eq([""]);
         if single_file(&mut served.data.parts().iter().map(|p| p.name()))
             && single_file(&mut added.iter().map(|p| p.name()))

@@ -52,8 +52,18 @@ async fn a_restart_reads_the_stored_index_and_answers_exactly_as_before() {
 
     let first = start(&names, &data, dir.path(), &index_dir).await;
     assert_eq!(events(&first), [0, 1, 0], "the first start builds");
+    let with_built_index = first.metrics().memory_bound_bytes.get();
     stored(&first, 1).await;
     assert!(IndexFiles::new(&index_dir).file_of(&data).exists());
+    // Once stored, the first start serves the file too: its memory bound drops by the
+    // built index's heap, and it answers the same.
+    let deadline = Instant::now() + WAIT;
+    while first.metrics().memory_bound_bytes.get() >= with_built_index {
+        assert!(Instant::now() < deadline, "the built index is still served");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client.send(&task(3, &[4, 5, 6])).await;
+    assert_eq!(next_json(&mut reports).await.0["data"], expected_data(&records, &[4, 5, 6]));
     first.stop().await.unwrap();
 
     let second = start(&names, &data, dir.path(), &index_dir).await;
