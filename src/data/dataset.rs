@@ -7,6 +7,7 @@ use super::identity::FileIdentity;
 use super::index::{BuildShape, PhoneIndex, Span};
 use super::index_files::{IndexFiles, Stored};
 use super::mmap::Mapping;
+use super::prefetch;
 use super::scan::{self, PhonePrefix};
 use super::stats::{CallStats, Tally};
 use crate::platform::pool::WorkerPool;
@@ -138,6 +139,20 @@ impl Dataset {
         })
     }
 
+    /// The spans of each of `phones`, looked up side by side
+    /// ([`PhoneIndex::spans_of_each`]), the first records of each already loading (the
+    /// caller is about to read them).
+    pub fn spans_of_each(&self, phones: &[u64]) -> Vec<&[Span]> {
+        let found = self.index.spans_of_each(phones);
+        let bytes = self.mapping.bytes();
+        for spans in &found {
+            for span in spans.iter().take(READ_AHEAD) {
+                prefetch::bytes(bytes, span.start());
+            }
+        }
+        found
+    }
+
     /// Its index.
     pub fn index(&self) -> &PhoneIndex {
         &self.index
@@ -201,7 +216,7 @@ impl Dataset {
         let mut other = CallStats::EMPTY;
         for (i, &span) in spans.iter().enumerate() {
             if let Some(ahead) = spans.get(i + READ_AHEAD) {
-                prefetch(bytes, ahead.start());
+                prefetch::bytes(bytes, ahead.start());
             }
             if tally.records() > Tally::MAX_RECORDS / 2 {
                 other.merge(&std::mem::replace(&mut tally, Tally::EMPTY).into());
@@ -216,26 +231,6 @@ impl Dataset {
 /// How many spans ahead [`Dataset::aggregate`] prefetches: enough misses in flight to
 /// cover memory latency, few enough to stay in the L1 cache.
 pub const READ_AHEAD: usize = 16;
-
-/// Asks the CPU to start loading the record at `offset` (its first two cache lines: a
-/// compact record is 60-90 bytes). Only a hint: it never faults, and past the end of the
-/// mapping it does nothing.
-#[inline(always)]
-fn prefetch(bytes: &[u8], offset: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(record) = bytes.get(offset..) {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let line = record.as_ptr().cast::<i8>();
-        // SAFETY: SSE, which `_mm_prefetch` needs, is part of the x86-64 baseline every
-        // build targets; a prefetch reads nothing and cannot fault, whatever the address.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(line);
-            _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64));
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (bytes, offset);
-}
 
 /// Adds the records of `phone` in `span` to `tally` (compact ones) and `other` (the rest).
 #[inline(always)]

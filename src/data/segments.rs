@@ -193,6 +193,19 @@ impl Segments {
         self.parts.iter().any(|p| !p.dataset.index().spans(phone).is_empty())
     }
 
+    /// Whether any segment has records of each of `phones` (as [`Segments::has_records`]
+    /// says), the phones looked up side by side and their first records loaded on the
+    /// way (see [`Dataset::spans_of_each`]): what a task's misses need first.
+    pub fn have_records(&self, phones: &[u64]) -> Vec<bool> {
+        let mut have = vec![false; phones.len()];
+        for part in &self.parts {
+            for (has, spans) in have.iter_mut().zip(part.dataset.spans_of_each(phones)) {
+                *has |= !spans.is_empty();
+            }
+        }
+        have
+    }
+
     /// Records, spans and index memory summed over all segments; phones counted once
     /// however many segments hold them.
     pub fn summary(&self) -> IndexSummary {

@@ -10,6 +10,7 @@ use crate::data::stats::CallStats;
 use crate::data::{IndexFiles, Segment, Segments, StaleData};
 use crate::engine::cache::{Advanced, Answer, Cache, CachedPhone, ENTRY_BYTES, Fate};
 use crate::engine::compute;
+use crate::engine::flight::{self, Landing, Waiting};
 use crate::engine::snapshot::Delta;
 use crate::ops::metrics::{Metrics, Source};
 use crate::platform::clock::Clock;
@@ -19,7 +20,6 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// One version of the data being served. The epoch tells cache entries and in-flight
 /// computations of different versions apart.
@@ -42,17 +42,14 @@ pub enum EngineError {
     Abandoned(#[from] Abandoned),
 }
 
-/// The result of one computation, as its waiters see it. `None` until it is done.
-type FlightResult = Option<Result<Answer, StaleData>>;
-
 /// The cache and the in-flight computations. Under one lock, so that a phone whose
 /// computation is completing is always seen as either in flight or cached, never as
 /// neither (which would start a second computation).
 #[derive(Debug)]
 struct State {
     cache: Cache,
-    /// (epoch, phone) -> the result channel of its computation.
-    flights: AHashMap<(u64, u64), watch::Receiver<FlightResult>>,
+    /// (epoch, phone) -> its computation, for tasks to join.
+    flights: AHashMap<(u64, u64), Waiting>,
 }
 
 struct Inner {
@@ -262,14 +259,33 @@ impl Engine {
         let mut result: Vec<Option<Answer>> = vec![None; phones.len()];
         let mut waits = Vec::new();
         let mut owned = Vec::new();
-        let (mut hits, mut empty) = (0, 0);
+        let mut hits = 0;
+        let mut missing = Vec::new();
         {
             let mut state = self.inner.state.lock();
             for (i, &phone) in phones.iter().enumerate() {
+                match state.cache.get(phone, epoch, now) {
+                    Some(answer) => {
+                        result[i] = Some(answer);
+                        hits += 1;
+                    }
+                    None => missing.push(i),
+                }
+            }
+        }
+        let mut empty = 0;
+        if !missing.is_empty() {
+            // The index is read outside the lock, the misses side by side: on a phone book
+            // each lookup is a chain of cache misses, and they would hold every other task.
+            let have = loaded.data.have_records(&missing.iter().map(|&i| phones[i]).collect::<Vec<_>>());
+            let mut state = self.inner.state.lock();
+            for (&i, has_records) in missing.iter().zip(have) {
+                let phone = phones[i];
                 if let Some(answer) = state.cache.get(phone, epoch, now) {
+                    // Cached by another task since the look above.
                     result[i] = Some(answer);
                     hits += 1;
-                } else if !loaded.data.has_records(phone) {
+                } else if !has_records {
                     // Nothing to compute, and not cached: unknown phones cannot grow the cache.
                     result[i] = Some(answer(phone, CallStats::EMPTY));
                     empty += 1;
@@ -277,10 +293,10 @@ impl Engine {
                     let flight = match state.flights.get(&(epoch, phone)) {
                         Some(flight) => flight.clone(),
                         None => {
-                            let (sender, receiver) = watch::channel(None);
-                            state.flights.insert((epoch, phone), receiver.clone());
-                            owned.push((phone, sender));
-                            receiver
+                            let (landing, waiting) = flight::flight();
+                            state.flights.insert((epoch, phone), waiting.clone());
+                            owned.push((phone, landing));
+                            waiting
                         }
                     };
                     waits.push((i, flight));
@@ -305,9 +321,8 @@ impl Engine {
                 self.inner.pool.spawn(move || inner.compute_flights(&loaded, owned));
             }
         }
-        for (i, mut flight) in waits {
-            let done = flight.wait_for(Option::is_some).await.map_err(|_| Abandoned)?;
-            result[i] = Some(done.clone().ok_or(Abandoned)??);
+        for (i, flight) in waits {
+            result[i] = Some(flight.landed().await.ok_or(Abandoned)??);
         }
         result.into_iter().map(|answer| answer.ok_or(EngineError::Abandoned(Abandoned))).collect()
     }
@@ -345,7 +360,7 @@ impl Engine {
 impl Inner {
     /// Computes the phones this task owns and hands every waiter its result. Runs on
     /// the pool.
-    fn compute_flights(&self, loaded: &Loaded, owned: Vec<(u64, watch::Sender<FlightResult>)>) {
+    fn compute_flights(&self, loaded: &Loaded, owned: Vec<(u64, Landing)>) {
         /// Removes the flights if the computation ends without landing them (a panic),
         /// so no later task joins a computation that will never finish.
         struct Land<'a> {
@@ -376,13 +391,13 @@ impl Inner {
         let answers: Result<Vec<Answer>, StaleData> =
             computed.map(|all| land.phones.iter().zip(all).map(|(&phone, stats)| answer(phone, stats)).collect());
         let mut state = self.state.lock();
-        for (k, (phone, sender)) in owned.iter().enumerate() {
+        for (k, (phone, landing)) in owned.iter().enumerate() {
             let result = answers.as_ref().map(|all| all[k].clone()).map_err(Clone::clone);
             if let (Ok(answer), true) = (&result, current) {
                 state.cache.insert(*phone, answer.clone(), loaded.epoch, now);
             }
             state.flights.remove(&(loaded.epoch, *phone));
-            sender.send_replace(Some(result));
+            landing.set(result);
         }
         // Landed: every flight was removed above, under the same lock as the cache
         // inserts; nothing is left for the guard.
@@ -390,6 +405,8 @@ impl Inner {
         self.metrics.cache_entries.set(state.cache.len() as i64);
         let changed = current && answers.is_ok() && state.cache.enabled();
         drop(state);
+        // Wakes the tasks waiting for these phones, outside the lock.
+        drop(owned);
         if changed {
             (self.cache_changed)();
         }

@@ -8,6 +8,7 @@
 //! | [`lookup`] | [`Engine`]: lookups, single flight, data swaps and segment joins |
 //! | [`cache`] | the bounded TTL map of answers (CLOCK eviction), tagged by data epoch |
 //! | [`compute`] | a list of phones' statistics, split across the pool |
+//! | `flight` | one computation's result, awaited by every task that missed the phone meanwhile |
 //! | [`reload`] | watching the data path, indexing what changed, swapping or joining it in |
 //! | [`snapshot`] | the cache's files (base and journal) and the write-behind thread |
 //!
@@ -15,6 +16,7 @@
 
 pub mod cache;
 pub mod compute;
+mod flight;
 pub mod lookup;
 pub mod reload;
 pub mod snapshot;
