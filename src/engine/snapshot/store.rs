@@ -309,4 +309,23 @@ mod tests {
         let restored = load(&path).unwrap().unwrap();
         assert_eq!((records(&restored), restored.torn), (vec![(1, 1), (3, 3)], false));
     }
+
+    /// A fold writes what this writer saved, whatever the files hold meanwhile: here
+    /// another replica replaced them with a snapshot of other data (the last writer
+    /// wins). Folding what was read back from them wrote an empty base.
+    #[test]
+    fn a_fold_writes_what_this_writer_saved_even_after_another_replaced_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        let mut store = Store::new(path.clone());
+        store.write(&delta(DATA, (0..3_000).map(|p| entry(p, 1, 1_000)).collect())).unwrap();
+        Store::new(path.clone()).write(&delta(OTHER, vec![entry(7, 7, 1_000)])).unwrap();
+        let later = (0..30_000).map(|p| entry(p, 2, 1_000)).collect();
+        store.write(&Delta { capacity: 100_000, ..delta(DATA, later) }).unwrap();
+        assert_eq!(std::fs::metadata(journal_path(&path)).unwrap().len(), JOURNAL_HEADER_LEN as u64, "folded");
+        let restored = load(&path).unwrap().unwrap();
+        assert_eq!(restored.identity, DATA);
+        assert_eq!(restored.entries.len(), 30_000);
+        assert!(restored.entries.iter().all(|e| e.stats.records == 2));
+    }
 }
