@@ -6,7 +6,7 @@
 //! note: the mapping here and its one caller (`Dataset::open`); the mapping of an index
 //! file and the view of its arrays in place (`data::index::store`, `data::index::table`,
 //! whose `Word` trait says which types may be viewed so); the run-time AVX2 dispatch and
-//! the prefetch hint in `data::dataset`; setting `RUST_MIN_STACK` before any thread exists
+//! the prefetch hint in `data::prefetch`; setting `RUST_MIN_STACK` before any thread exists
 //! (`platform::stack`); and `malloc_trim` (`platform::heap`).
 //!
 //! The mapping is read-only and shared. It owns the open file, so the mapped inode stays
