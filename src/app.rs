@@ -134,11 +134,14 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         restore(&config.snapshot_path, &engine);
         let source_engine = engine.clone();
         let source: snapshot::Source = Box::new(move || source_engine.snapshot_delta());
+        let base_engine = engine.clone();
+        let everything: snapshot::Everything = Box::new(move || base_engine.snapshot_base());
         let writer = SnapshotWriter::spawn(
             marker,
             config.snapshot_path.clone(),
             config.snapshot_interval,
             source,
+            everything,
             Arc::clone(&metrics),
         )
         .context("cannot start the snapshot writer")?;

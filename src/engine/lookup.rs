@@ -7,7 +7,7 @@
 //! pool and is awaited through a channel.
 
 use crate::data::stats::CallStats;
-use crate::data::{IndexFiles, Segment, Segments, StaleData};
+use crate::data::{DataIdentity, IndexFiles, Segment, Segments, StaleData};
 use crate::engine::cache::{Advanced, Answer, Cache, CachedPhone, ENTRY_BYTES, Fate};
 use crate::engine::compute;
 use crate::engine::flight::{self, Landing, Waiting};
@@ -65,6 +65,8 @@ struct Inner {
     cache_changed: Box<dyn Fn() + Send + Sync>,
     /// The most entries the cache holds (`CACHE_MAX_ENTRIES`).
     cache_capacity: usize,
+    /// Heap the full cache and its snapshot take (`cache_bytes`).
+    cache_bytes: usize,
     /// Notified when a computation found the data changed under its index, so the
     /// reload watcher looks at the file now instead of at its next poll.
     stale: tokio::sync::Notify,
@@ -122,7 +124,7 @@ impl EngineBuilder {
     /// The engine, serving the dataset it was built with.
     pub fn build(self) -> Engine {
         self.metrics.cache_max_entries.set(self.cache.max_entries as i64);
-        record_data_metrics(&self.metrics, &self.data, self.cache.max_entries);
+        record_data_metrics(&self.metrics, &self.data, cache_bytes(&self.cache));
         let cache = Cache::new(self.cache.ttl, self.cache.max_entries);
         let inner = Inner {
             data: ArcSwap::from_pointee(Loaded { data: self.data, epoch: 1 }),
@@ -132,6 +134,7 @@ impl EngineBuilder {
             metrics: self.metrics,
             cache_changed: self.cache_changed,
             cache_capacity: self.cache.max_entries,
+            cache_bytes: cache_bytes(&self.cache),
             stale: tokio::sync::Notify::new(),
         };
         Engine { inner: Arc::new(inner) }
@@ -165,7 +168,7 @@ impl Engine {
     /// already running finish on the version they started with; entries of older
     /// versions are dropped and never served again.
     pub fn replace(&self, data: Segments) -> u64 {
-        record_data_metrics(&self.inner.metrics, &data, self.inner.cache_capacity);
+        record_data_metrics(&self.inner.metrics, &data, self.inner.cache_bytes);
         let epoch = self.inner.data.load().epoch + 1;
         self.inner.data.store(Arc::new(Loaded { data, epoch }));
         let now = self.inner.clock.now_ms();
@@ -193,7 +196,7 @@ impl Engine {
         if !Arc::ptr_eq(&*previous, &old) {
             return false;
         }
-        record_data_metrics(&self.inner.metrics, &record.data, self.inner.cache_capacity);
+        record_data_metrics(&self.inner.metrics, &record.data, self.inner.cache_bytes);
         true
     }
 
@@ -219,7 +222,7 @@ impl Engine {
         let partials = compute::compute(&Segments::of(added.clone()), &touched, pool)?;
         let partials: AHashMap<u64, CallStats> = touched.into_iter().zip(partials).collect();
 
-        record_data_metrics(&self.inner.metrics, &next, self.inner.cache_capacity);
+        record_data_metrics(&self.inner.metrics, &next, self.inner.cache_bytes);
         let epoch = old.epoch + 1;
         self.inner.data.store(Arc::new(Loaded { data: next, epoch }));
         let now = self.inner.clock.now_ms();
@@ -350,6 +353,15 @@ impl Engine {
         Delta { identity: loaded.data.identity(), entries, now_ms, capacity }
     }
 
+    /// Every live cache entry of the data being served, and that data's identity: what
+    /// a new snapshot base holds. Copies the whole cache under the lock (one pass over
+    /// its slots, a few milliseconds for 100,000 entries), once per compaction.
+    pub fn snapshot_base(&self) -> (DataIdentity, Vec<CachedPhone>) {
+        let loaded = self.current();
+        let entries = self.inner.state.lock().cache.fresh_entries(loaded.epoch, self.inner.clock.now_ms());
+        (loaded.data.identity(), entries)
+    }
+
     /// Every live cache entry (tests and tools; copies the whole cache under the lock).
     pub fn cached(&self) -> Vec<CachedPhone> {
         let loaded = self.current();
@@ -444,9 +456,21 @@ fn answer(phone: u64, stats: CallStats) -> Answer {
 /// the reference data with an empty cache (README, "Memory").
 const MEMORY_ALLOWANCE: usize = 64 << 20;
 
-fn record_data_metrics(metrics: &Metrics, data: &Segments, cache_capacity: usize) {
+/// Heap a full cache takes, with what the snapshot writer keeps to fold its journal (a
+/// disabled cache keeps neither).
+fn cache_bytes(settings: &CacheSettings) -> usize {
+    if settings.ttl.is_zero() {
+        return 0;
+    }
+    settings
+        .max_entries
+        .saturating_mul(ENTRY_BYTES)
+        .saturating_add(crate::engine::snapshot::fold_bytes(settings.max_entries))
+}
+
+fn record_data_metrics(metrics: &Metrics, data: &Segments, cache_bytes: usize) {
     let summary = data.summary();
-    let bound = summary.heap_bytes + cache_capacity * ENTRY_BYTES + MEMORY_ALLOWANCE;
+    let bound = summary.heap_bytes.saturating_add(cache_bytes).saturating_add(MEMORY_ALLOWANCE);
     metrics.memory_bound_bytes.set(i64::try_from(bound).unwrap_or(i64::MAX));
     metrics.data_bytes.set(data.identity().len as i64);
     metrics.data_records.set(summary.records as i64);
@@ -569,5 +593,20 @@ mod tests {
         assert_eq!(again[2].stats, compute::compute(&now.data, &[3], &pool).unwrap()[0]);
         assert_eq!(again[2].stats.records, 1_000);
         assert!(!engine.use_stored_indexes(&files), "nothing left to swap");
+    }
+
+    /// A snapshot's new base is the live entries of the data being served, with that
+    /// data's identity; expired ones and those of older data are left out.
+    #[tokio::test]
+    async fn the_snapshot_base_is_the_live_cache_of_the_served_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = WorkerPool::new("test", 2).unwrap();
+        let (engine, _) = engine(Duration::from_secs(60), pool, dir.path());
+        let answers = engine.stats(&[1, 2, 99]).await.unwrap();
+        let (identity, mut entries) = engine.snapshot_base();
+        assert_eq!(identity, engine.current().data.identity());
+        entries.sort_by_key(|e| e.phone);
+        let phones: Vec<(u64, CallStats, u64)> = entries.iter().map(|e| (e.phone, e.stats, e.expires_ms)).collect();
+        assert_eq!(phones, [(1, answers[0].stats, 61_000), (2, answers[1].stats, 61_000)], "no records: not cached");
     }
 }

@@ -14,8 +14,8 @@ mod store;
 mod writer;
 
 pub use format::{Base, FORMAT_VERSION, SnapshotError, decode_base, encode_base};
-pub use store::{Delta, Restored, Store, journal_path, load};
-pub use writer::{DirtyMarker, SnapshotWriter, Source};
+pub use store::{Delta, Restored, Store, fold_bytes, journal_path, load};
+pub use writer::{DirtyMarker, Everything, SnapshotWriter, Source};
 
 use std::path::{Path, PathBuf};
 

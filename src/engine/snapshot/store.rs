@@ -17,13 +17,22 @@ use super::format::{
 use crate::data::DataIdentity;
 use crate::engine::cache::CachedPhone;
 use crate::platform::atomic_file;
-use ahash::AHashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// The journal is compacted into the base once it is larger than the base and at least
 /// this large.
 const COMPACT_MIN_BYTES: u64 = 1 << 20;
+
+/// Heap a compaction holds while it runs, for a cache of `capacity` entries: the copy of
+/// the cache it writes and that copy encoded.
+pub fn fold_bytes(capacity: usize) -> usize {
+    capacity.saturating_mul(size_of::<CachedPhone>() + super::format::ENTRY_LEN)
+}
+
+/// Every live entry of the cache and the data they were computed from: what a compaction
+/// writes as the new base (see [`Store::write`]).
+type Everything<'a> = &'a dyn Fn() -> (DataIdentity, Vec<CachedPhone>);
 
 /// What one write of the snapshot saves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,9 +93,6 @@ struct Current {
     base_bytes: u64,
     journal: std::fs::File,
     journal_bytes: u64,
-    /// The latest entry of each phone in the base and the journal as written: what the
-    /// next compaction folds, without reading the files back.
-    latest: AHashMap<u64, CachedPhone>,
 }
 
 /// The writer's handle on the snapshot files.
@@ -106,16 +112,21 @@ impl Store {
 
     /// Saves `delta`: appended to the journal of the base of its data (resuming the files
     /// on disk when they belong to that data, else starting a new, empty base), and the
-    /// journal compacted into a new base when it has outgrown the old one.
-    pub fn write(&mut self, delta: &Delta) -> std::io::Result<()> {
-        let written = self.write_inner(delta);
+    /// journal compacted into a new base holding `everything` the cache holds when it has
+    /// outgrown the old one.
+    pub fn write(
+        &mut self,
+        delta: &Delta,
+        everything: &dyn Fn() -> (DataIdentity, Vec<CachedPhone>),
+    ) -> std::io::Result<()> {
+        let written = self.write_inner(delta, everything);
         if written.is_err() {
             self.current = None;
         }
         written
     }
 
-    fn write_inner(&mut self, delta: &Delta) -> std::io::Result<()> {
+    fn write_inner(&mut self, delta: &Delta, everything: Everything) -> std::io::Result<()> {
         if self.current.as_ref().is_none_or(|c| c.identity != delta.identity) {
             self.current = Some(self.resume_or_start(delta.identity, delta.now_ms)?);
         }
@@ -125,10 +136,9 @@ impl Store {
             current.journal.write_all(&batch)?;
             current.journal.sync_data()?;
             current.journal_bytes += batch.len() as u64;
-            current.latest.extend(delta.entries.iter().map(|e| (e.phone, *e)));
         }
         if current.journal_bytes > current.base_bytes.max(COMPACT_MIN_BYTES) {
-            self.compact(delta)?;
+            self.compact(delta, everything)?;
         }
         Ok(())
     }
@@ -153,61 +163,53 @@ impl Store {
                 // would be unreadable too.
                 file.set_len(valid_len as u64)?;
                 let journal_bytes = (valid_len - JOURNAL_HEADER_LEN) as u64;
-                let entries = load(&self.path).ok().flatten().filter(|r| r.identity == identity).map(|r| r.entries);
-                let latest = entries.unwrap_or_default().into_iter().map(|e| (e.phone, e)).collect();
-                Ok(Current {
-                    generation: header.generation,
-                    identity,
-                    base_bytes,
-                    journal: file,
-                    journal_bytes,
-                    latest,
-                })
+                Ok(Current { generation: header.generation, identity, base_bytes, journal: file, journal_bytes })
             }
             // A generation that cannot collide with a journal left from before (one that
             // belonged to an unreadable base, say): the wall clock, and later than the last.
             other => {
                 let generation = other.map_or(0, |h| h.generation + 1).max(now_ms);
-                self.start(Base { generation, identity, written_ms: now_ms, entries: Vec::new() }, AHashMap::new())
+                self.start(Base { generation, identity, written_ms: now_ms, entries: Vec::new() })
             }
         }
     }
 
-    /// Writes `base` (atomically), then its empty journal, and opens the journal;
-    /// `latest` (emptied, its memory reused) then holds the base's entries.
-    fn start(&self, base: Base, mut latest: AHashMap<u64, CachedPhone>) -> std::io::Result<Current> {
+    /// Writes `base` (atomically), then its empty journal, and opens the journal.
+    fn start(&self, base: Base) -> std::io::Result<Current> {
         let bytes = encode_base(&base);
         atomic_file::write(&self.path, &bytes)?;
         let journal = journal_path(&self.path);
         atomic_file::write(&journal, &encode_journal_header(base.generation))?;
-        latest.clear();
-        latest.extend(base.entries.iter().map(|e| (e.phone, *e)));
         Ok(Current {
             generation: base.generation,
             identity: base.identity,
             base_bytes: bytes.len() as u64,
             journal: std::fs::OpenOptions::new().append(true).open(&journal)?,
             journal_bytes: 0,
-            latest,
         })
     }
 
-    /// Folds the journal into a new base: the latest entry of each phone, unexpired, at
-    /// most `capacity` of them (the latest to expire). Folded from what this writer
-    /// wrote (kept in memory), not read back from the files: under a miss-heavy load
-    /// reading and decoding them again cost the service about a tenth of its throughput,
-    /// and the files may meanwhile hold another replica's write (the last writer wins).
-    fn compact(&mut self, delta: &Delta) -> std::io::Result<()> {
-        let Some(current) = self.current.take() else { return Ok(()) };
-        let mut entries: Vec<CachedPhone> =
-            current.latest.values().filter(|e| e.expires_ms > delta.now_ms).copied().collect();
+    /// Replaces base and journal with a new base of what the cache holds now (unexpired,
+    /// at most `capacity` entries, the latest to expire): the latest entry of every phone
+    /// this writer saved that is still worth restoring. Taken from the cache, not read
+    /// back from the files: on a miss-heavy load re-reading and decoding them cost the
+    /// service about a twentieth of its throughput, and the files may hold another
+    /// replica's write meanwhile (the last writer wins). Skipped, to be tried at the next
+    /// write, if the cache has meanwhile moved on to other data.
+    fn compact(&mut self, delta: &Delta, everything: Everything) -> std::io::Result<()> {
+        let Some(current) = self.current.as_ref() else { return Ok(()) };
+        let (identity, mut entries) = everything();
+        if identity != current.identity {
+            return Ok(());
+        }
+        entries.retain(|e| e.expires_ms > delta.now_ms);
         if entries.len() > delta.capacity {
             entries.sort_unstable_by_key(|e| std::cmp::Reverse(e.expires_ms));
             entries.truncate(delta.capacity);
         }
         let base =
             Base { generation: current.generation + 1, identity: current.identity, written_ms: delta.now_ms, entries };
-        self.current = Some(self.start(base, current.latest)?);
+        self.current = Some(self.start(base)?);
         Ok(())
     }
 }
@@ -242,6 +244,11 @@ mod tests {
         Delta { identity, entries, now_ms: 100, capacity: 1_000 }
     }
 
+    /// A cache that holds nothing of `DATA` (these writes never compact).
+    fn nothing() -> (DataIdentity, Vec<CachedPhone>) {
+        (DATA, Vec::new())
+    }
+
     fn records(restored: &Restored) -> Vec<(u64, u64)> {
         restored.entries.iter().map(|e| (e.phone, e.stats.records)).collect()
     }
@@ -251,13 +258,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.snapshot");
         let mut store = Store::new(path.clone());
-        store.write(&delta(DATA, vec![entry(1, 1, 1_000)])).unwrap();
-        store.write(&delta(DATA, vec![entry(2, 2, 1_000), entry(1, 5, 1_000)])).unwrap();
+        store.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap();
+        store.write(&delta(DATA, vec![entry(2, 2, 1_000), entry(1, 5, 1_000)]), &nothing).unwrap();
         let base_len = std::fs::metadata(&path).unwrap().len();
         assert_eq!(records(&load(&path).unwrap().unwrap()), [(1, 1), (2, 2), (1, 5)]);
         // Another process (a restart) continues the same files.
         let mut resumed = Store::new(path.clone());
-        resumed.write(&delta(DATA, vec![entry(3, 3, 1_000)])).unwrap();
+        resumed.write(&delta(DATA, vec![entry(3, 3, 1_000)]), &nothing).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), base_len, "the base was not rewritten");
         assert_eq!(records(&load(&path).unwrap().unwrap()), [(1, 1), (2, 2), (1, 5), (3, 3)]);
     }
@@ -267,23 +274,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.snapshot");
         let mut store = Store::new(path.clone());
-        store.write(&delta(DATA, vec![entry(1, 1, 1_000)])).unwrap();
-        store.write(&delta(OTHER, vec![entry(7, 7, 1_000)])).unwrap();
+        store.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap();
+        store.write(&delta(OTHER, vec![entry(7, 7, 1_000)]), &nothing).unwrap();
         let restored = load(&path).unwrap().unwrap();
         assert_eq!((restored.identity, records(&restored)), (OTHER, vec![(7, 7)]));
     }
 
-    /// A journal larger than its base is folded into a new base: latest entry per phone,
-    /// expired ones dropped, at most the capacity (the latest to expire).
+    /// A journal larger than its base is folded into a new base of what the cache holds:
+    /// unexpired entries, at most the capacity (the latest to expire).
     #[test]
-    fn a_grown_journal_is_compacted_into_the_base() {
+    fn a_grown_journal_is_compacted_into_a_base_of_the_cache() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.snapshot");
         let mut store = Store::new(path.clone());
         let batch: Vec<CachedPhone> = (0..5_000).map(|p| entry(p, 1, 50)).collect();
-        store.write(&delta(DATA, batch)).unwrap();
+        store.write(&delta(DATA, batch), &nothing).unwrap();
         let later: Vec<CachedPhone> = (0..5_000).map(|p| entry(p, 2, 1_000 + p)).collect();
-        store.write(&Delta { capacity: 3_000, ..delta(DATA, later) }).unwrap();
+        let cached: Vec<CachedPhone> = later.iter().copied().chain([entry(9_999, 3, 99)]).collect();
+        let cache = move || (DATA, cached.clone());
+        store.write(&Delta { capacity: 3_000, ..delta(DATA, later) }, &cache).unwrap();
         let journal = std::fs::metadata(journal_path(&path)).unwrap().len();
         assert_eq!(journal, JOURNAL_HEADER_LEN as u64, "folded into the base");
         let restored = load(&path).unwrap().unwrap();
@@ -296,8 +305,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.snapshot");
         let mut store = Store::new(path.clone());
-        store.write(&delta(DATA, vec![entry(1, 1, 1_000)])).unwrap();
-        store.write(&delta(DATA, vec![entry(2, 2, 1_000)])).unwrap();
+        store.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap();
+        store.write(&delta(DATA, vec![entry(2, 2, 1_000)]), &nothing).unwrap();
         let journal = journal_path(&path);
         let bytes = std::fs::read(&journal).unwrap();
         std::fs::write(&journal, &bytes[..bytes.len() - 5]).unwrap();
@@ -305,27 +314,44 @@ mod tests {
         assert_eq!((records(&restored), restored.torn), (vec![(1, 1)], true));
         // The next process cuts the torn batch off and appends after the last whole one.
         let mut resumed = Store::new(path.clone());
-        resumed.write(&delta(DATA, vec![entry(3, 3, 1_000)])).unwrap();
+        resumed.write(&delta(DATA, vec![entry(3, 3, 1_000)]), &nothing).unwrap();
         let restored = load(&path).unwrap().unwrap();
         assert_eq!((records(&restored), restored.torn), (vec![(1, 1), (3, 3)], false));
     }
 
-    /// A fold writes what this writer saved, whatever the files hold meanwhile: here
+    /// A fold writes what the cache holds, whatever the files hold meanwhile: here
     /// another replica replaced them with a snapshot of other data (the last writer
     /// wins). Folding what was read back from them wrote an empty base.
     #[test]
-    fn a_fold_writes_what_this_writer_saved_even_after_another_replaced_the_files() {
+    fn a_fold_writes_the_cache_even_after_another_replica_replaced_the_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.snapshot");
         let mut store = Store::new(path.clone());
-        store.write(&delta(DATA, (0..3_000).map(|p| entry(p, 1, 1_000)).collect())).unwrap();
-        Store::new(path.clone()).write(&delta(OTHER, vec![entry(7, 7, 1_000)])).unwrap();
-        let later = (0..30_000).map(|p| entry(p, 2, 1_000)).collect();
-        store.write(&Delta { capacity: 100_000, ..delta(DATA, later) }).unwrap();
+        store.write(&delta(DATA, (0..3_000).map(|p| entry(p, 1, 1_000)).collect()), &nothing).unwrap();
+        Store::new(path.clone()).write(&delta(OTHER, vec![entry(7, 7, 1_000)]), &nothing).unwrap();
+        let later: Vec<CachedPhone> = (0..30_000).map(|p| entry(p, 2, 1_000)).collect();
+        let cached = later.clone();
+        let cache = move || (DATA, cached.clone());
+        store.write(&Delta { capacity: 100_000, ..delta(DATA, later) }, &cache).unwrap();
         assert_eq!(std::fs::metadata(journal_path(&path)).unwrap().len(), JOURNAL_HEADER_LEN as u64, "folded");
         let restored = load(&path).unwrap().unwrap();
         assert_eq!(restored.identity, DATA);
         assert_eq!(restored.entries.len(), 30_000);
         assert!(restored.entries.iter().all(|e| e.stats.records == 2));
+    }
+
+    /// A cache that has moved on to other data since the changes were taken is not
+    /// written as this data's base: the fold waits for the next write.
+    #[test]
+    fn no_fold_from_a_cache_of_other_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        let mut store = Store::new(path.clone());
+        let batch: Vec<CachedPhone> = (0..20_000).map(|p| entry(p, 1, 1_000)).collect();
+        let moved_on = || (OTHER, vec![entry(7, 7, 1_000)]);
+        store.write(&delta(DATA, batch), &moved_on).unwrap();
+        assert!(std::fs::metadata(journal_path(&path)).unwrap().len() > 1 << 20, "not folded");
+        let restored = load(&path).unwrap().unwrap();
+        assert_eq!((restored.identity, restored.entries.len()), (DATA, 20_000));
     }
 }

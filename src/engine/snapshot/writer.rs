@@ -3,6 +3,8 @@
 //! once more at shutdown. It waits on a condvar with a deadline; it never polls.
 
 use super::store::{Delta, Store};
+use crate::data::DataIdentity;
+use crate::engine::cache::CachedPhone;
 use crate::ops::metrics::Metrics;
 use parking_lot::{Condvar, Mutex};
 use std::path::PathBuf;
@@ -13,6 +15,10 @@ use tokio::sync::watch;
 
 /// Takes what changed in the cache since the last call (called on the writer thread).
 pub type Source = Box<dyn Fn() -> Delta + Send>;
+
+/// Every live entry of the cache and the data they belong to (called on the writer
+/// thread when it compacts the journal into a new base).
+pub type Everything = Box<dyn Fn() -> (DataIdentity, Vec<CachedPhone>) + Send>;
 
 #[derive(Debug, Default)]
 struct Signal {
@@ -62,14 +68,16 @@ impl SnapshotWriter {
         path: PathBuf,
         interval: Duration,
         source: Source,
+        everything: Everything,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<SnapshotWriter> {
         let shared = marker.0;
         let (count, written) = watch::channel(0);
         let thread_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("snapshot-writer".into())
-            .spawn(move || writer_loop(&thread_shared, Store::new(path), interval, &source, &metrics, &count))?;
+        let thread = std::thread::Builder::new().name("snapshot-writer".into()).spawn(move || {
+            let sources = (source, everything);
+            writer_loop(&thread_shared, Store::new(path), interval, &sources, &metrics, &count)
+        })?;
         Ok(SnapshotWriter { shared, thread: Some(thread), written })
     }
 
@@ -104,7 +112,7 @@ fn writer_loop(
     shared: &Shared,
     mut store: Store,
     interval: Duration,
-    source: &Source,
+    sources: &(Source, Everything),
     metrics: &Metrics,
     count: &watch::Sender<u64>,
 ) {
@@ -125,7 +133,7 @@ fn writer_loop(
         signal.dirty = false;
         drop(signal);
         if dirty {
-            write_one(&mut store, source, metrics);
+            write_one(&mut store, sources, metrics);
             count.send_modify(|n| *n += 1);
             last_write = Some(Instant::now());
         }
@@ -135,10 +143,10 @@ fn writer_loop(
     }
 }
 
-fn write_one(store: &mut Store, source: &Source, metrics: &Metrics) {
+fn write_one(store: &mut Store, (source, everything): &(Source, Everything), metrics: &Metrics) {
     let delta = source();
     let started = Instant::now();
-    match store.write(&delta) {
+    match store.write(&delta, everything) {
         Ok(()) => {
             metrics.snapshot_writes.inc();
             tracing::debug!(
@@ -184,6 +192,7 @@ mod tests {
             path.clone(),
             Duration::from_secs(3600),
             source,
+            Box::new(|| (DATA, Vec::new())),
             Arc::clone(&metrics),
         )
         .unwrap();
@@ -214,6 +223,7 @@ mod tests {
             path,
             Duration::from_millis(1),
             Box::new(|| delta(1)),
+            Box::new(|| (DATA, Vec::new())),
             Arc::clone(&metrics),
         )
         .unwrap();
