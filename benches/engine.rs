@@ -161,6 +161,23 @@ fn phone_book_miss(c: &mut Criterion) {
     assert!(hits * 100 <= all, "misses, not hits: {hits} of {all}");
 }
 
+/// What a snapshot compaction copies under the engine's lock: every live entry of a
+/// cache filled by phone-book misses (100,000 numbers asked for; those with records
+/// cached).
+fn snapshot_base(c: &mut Criterion) {
+    let Served { engine, runtime, _fixture, .. } = served(Layout::ManyPhones, 100_000);
+    for chunk in 0..10_000u64 {
+        let phones: [u64; 10] = std::array::from_fn(|i| BOOK_BASE + chunk * 10 + i as u64);
+        runtime.block_on(engine.stats(&phones)).expect("stats");
+    }
+    let cached = engine.snapshot_base().1.len();
+    assert!(cached > 50_000, "a full cache: {cached}");
+    let mut group = c.benchmark_group("snapshot_base");
+    group.throughput(Throughput::Elements(cached as u64));
+    group.bench_function("phone_book_cache", |b| b.iter(|| engine.snapshot_base()));
+    group.finish();
+}
+
 /// Ten phones, all computed (no cache): every record of each read from the mapping.
 fn cold_report(c: &mut Criterion) {
     let mut group = c.benchmark_group("ten_phones_cold");
@@ -309,6 +326,7 @@ criterion_group!(
     index_load,
     cold_report,
     phone_book_miss,
+    snapshot_base,
     warm_report,
     report_json,
     task_parse,
