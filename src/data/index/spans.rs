@@ -249,6 +249,22 @@ mod tests {
         }
     }
 
+    /// On evenly spread values the first guess is the position itself (what makes a
+    /// lookup one probe on a phone book's bucket); elsewhere it stays within the run.
+    #[test]
+    fn interpolation_guesses_evenly_spread_values_exactly() {
+        let even: Vec<u64> = (0..1_000u64).map(|i| 79_000_000_000 + i * 199).collect();
+        for (i, &phone) in even.iter().enumerate() {
+            assert_eq!(interpolate(&even, phone), i);
+            assert_eq!(first_probe(&even, phone), Some(i));
+        }
+        let skewed: Vec<u64> = (0..1_000u64).map(|i| i * i * i).collect();
+        assert!(skewed.iter().all(|&phone| interpolate(&skewed, phone) < skewed.len()));
+        assert_eq!(first_probe(&even[..SHORT_RUN], even[3]), Some(SHORT_RUN / 2), "a short run: its middle");
+        assert_eq!(first_probe(&even, even[0] - 1), None, "below the run: no probe");
+        assert_eq!(first_probe(&[], 5), None);
+    }
+
     /// The side-by-side lookup gives exactly what one lookup at a time gives, for phones
     /// with records and without, in buckets long (interpolated) and short (binary
     /// searched), in any order and with repeats.
