@@ -609,4 +609,25 @@ mod tests {
         let phones: Vec<(u64, CallStats, u64)> = entries.iter().map(|e| (e.phone, e.stats, e.expires_ms)).collect();
         assert_eq!(phones, [(1, answers[0].stats, 61_000), (2, answers[1].stats, 61_000)], "no records: not cached");
     }
+
+    /// The memory bound counts the index's heap, a full cache (440 bytes a phone), the
+    /// snapshot compaction's copy of it (a 112-byte entry in memory and 112 encoded) and
+    /// the allowance; without a cache, neither of the two.
+    #[test]
+    fn the_memory_bound_counts_the_cache_and_its_snapshot_only_when_caching() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dataset(dir.path(), &WorkerPool::new("test-data", 1).unwrap());
+        let index = data.summary().heap_bytes as i64;
+        let bound = |ttl: Duration| {
+            let metrics = Arc::new(Metrics::new());
+            let pool = WorkerPool::new("test", 1).unwrap();
+            Engine::builder(data.clone(), pool)
+                .cache(CacheSettings { ttl, max_entries: 1_000 })
+                .metrics(Arc::clone(&metrics))
+                .build();
+            metrics.memory_bound_bytes.get()
+        };
+        assert_eq!(bound(Duration::from_secs(60)), index + 1_000 * (440 + 224) + (64 << 20));
+        assert_eq!(bound(Duration::ZERO), index + (64 << 20));
+    }
 }
