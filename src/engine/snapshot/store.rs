@@ -330,7 +330,8 @@ mod tests {
         store.write(&delta(DATA, (0..3_000).map(|p| entry(p, 1, 1_000)).collect()), &nothing).unwrap();
         Store::new(path.clone()).write(&delta(OTHER, vec![entry(7, 7, 1_000)]), &nothing).unwrap();
         let later: Vec<CachedPhone> = (0..30_000).map(|p| entry(p, 2, 1_000)).collect();
-        let cached = later.clone();
+        // And one expiring at the write's `now_ms` (100): expired, as the cache counts it.
+        let cached: Vec<CachedPhone> = later.iter().copied().chain([entry(99_999, 3, 100)]).collect();
         let cache = move || (DATA, cached.clone());
         store.write(&Delta { capacity: 100_000, ..delta(DATA, later) }, &cache).unwrap();
         assert_eq!(std::fs::metadata(journal_path(&path)).unwrap().len(), JOURNAL_HEADER_LEN as u64, "folded");
