@@ -355,4 +355,24 @@ mod tests {
         let restored = load(&path).unwrap().unwrap();
         assert_eq!((restored.identity, restored.entries.len()), (DATA, 20_000));
     }
+
+    /// A fold starts a new generation, so a journal of the base before it (left by a
+    /// crash between the new base's rename and its journal's) is never read as extending
+    /// the new base.
+    #[test]
+    fn a_journal_left_from_before_a_fold_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        let mut store = Store::new(path.clone());
+        store.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap();
+        let old_journal = std::fs::read(journal_path(&path)).unwrap();
+        let cached: Vec<CachedPhone> = (0..20_000).map(|p| entry(p, 2, 1_000)).collect();
+        let cache = move || (DATA, cached.clone());
+        let batch = (0..20_000).map(|p| entry(p, 2, 1_000)).collect();
+        store.write(&Delta { capacity: 100_000, ..delta(DATA, batch) }, &cache).unwrap();
+        std::fs::write(journal_path(&path), old_journal).unwrap();
+        let restored = load(&path).unwrap().unwrap();
+        assert_eq!(restored.entries.len(), 20_000, "only the new base");
+        assert!(restored.entries.iter().all(|e| e.stats.records == 2));
+    }
 }
