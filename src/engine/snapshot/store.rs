@@ -3,10 +3,10 @@
 //! journal into the base when it outgrows it.
 //!
 //! A write costs what changed, not what is cached: the changed entries are appended as
-//! one checksummed batch and synced. The journal is folded into a new base (written
-//! atomically, with the next generation) once it is larger than the base, so the disk
-//! holds at most about twice the live entries and compaction's cost is spread over the
-//! appends that caused it. A new base's journal is started after the base is in place;
+//! one checksummed batch and synced. Once the journal is larger than the base, both are
+//! replaced by a new base of the cache's live entries (written atomically, with the next
+//! generation), so the disk holds at most about twice the live entries and compaction's
+//! cost is spread over the appends that caused it. A new base's journal is started after the base is in place;
 //! a journal of an older generation is ignored, so a crash between the two loses
 //! nothing that the new base does not hold.
 
