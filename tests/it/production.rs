@@ -193,7 +193,15 @@ mod tls {
         let poison = RawProperties { reply_to: Some(vec![0xc3]), ..RawProperties::default() };
         publish_raw(&names.tasks, poison, task(2, &[1]).as_bytes()).await;
         client.send(&task(3, &[4])).await;
-        let (report, _) = next_json(&mut reports).await;
+        // The undecodable message ends the session, possibly before task 1's ack reached
+        // the broker: task 1 may then be answered again (at least once), never wrongly.
+        let report = loop {
+            let (report, _) = next_json(&mut reports).await;
+            if report["correlation_id"].as_u64() != Some(1) {
+                break report;
+            }
+            assert_eq!(report["data"], expected_data(&records, &[1, 2, 3]), "a repeat of task 1");
+        };
         assert_eq!((report["correlation_id"].as_u64(), &report["data"]), (Some(3), &expected_data(&records, &[4])));
         let metrics = Arc::clone(service.metrics());
         service.stop().await.unwrap();
