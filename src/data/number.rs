@@ -115,6 +115,44 @@ pub(super) fn thirteen_digits(bytes: &[u8], pos: usize) -> Option<u64> {
     Some(digits_value(high, 8) * 100_000 + digits_value(low >> 24, 5))
 }
 
+/// Whether the thirteen-digit number at `end_at` is smaller than the one at
+/// `start_at`, both checked as [`thirteen_digits`] checks them (`None` otherwise).
+///
+/// Numbers of the same digit count without leading zeros order as their digits do, so
+/// the index build, which needs only the sign of a call's duration, compares the two
+/// numbers' bytes (most significant first) instead of converting them.
+#[inline(always)]
+pub(super) fn thirteen_digits_descend(bytes: &[u8], start_at: usize, end_at: usize) -> Option<bool> {
+    let (start_high, start_low) = thirteen_digit_words::<true>(bytes, start_at)?;
+    let (end_high, end_low) = thirteen_digit_words::<true>(bytes, end_at)?;
+    // Little-endian loads: swapping the bytes puts the first digit most significant.
+    Some((end_high.swap_bytes(), end_low.swap_bytes()) < (start_high.swap_bytes(), start_low.swap_bytes()))
+}
+
+/// The run of one to sixteen ASCII digits at `pos` and its length; `None` when there is
+/// no digit there, more than sixteen, or too few bytes left to tell.
+///
+/// The index build's phone reader: two eight-byte loads, no loop, so the record's
+/// length (which the next record's position depends on) is known after a few
+/// instructions. Longer phones take [`parse_digits`] through the general path.
+#[inline(always)]
+pub(super) fn up_to_sixteen_digits(bytes: &[u8], pos: usize) -> Option<(u64, usize)> {
+    let high = load8(bytes, pos)?;
+    let low = load8(bytes, pos + 8)?;
+    let in_high = leading_digits(high);
+    if in_high < 8 {
+        return (in_high > 0).then(|| (digits_value(high, in_high), in_high));
+    }
+    match leading_digits(low) {
+        0 => Some((digits_value(high, 8), 8)),
+        8 => match bytes.get(pos + 16) {
+            Some(next) if !next.is_ascii_digit() => Some((digits_value(high, 8) * POW10[8] + digits_value(low, 8), 16)),
+            _ => None,
+        },
+        in_low => Some((digits_value(high, 8) * POW10[in_low] + digits_value(low, in_low), 8 + in_low)),
+    }
+}
+
 /// `end - start` of two thirteen-digit numbers at `start_at` and `end_at`; with
 /// `VALIDATE`, `None` unless both are thirteen digits without a leading zero. Without
 /// it, the caller vouches for the digits (the index validated them).
@@ -199,6 +237,20 @@ mod tests {
         fn thirteen_digits_agrees_with_str_parse(text in "[1-9][0-9]{12}", tail in "[^0-9]?") {
             let full = format!("{text}{tail}");
             prop_assert_eq!(thirteen_digits(full.as_bytes(), 0), text.parse::<u64>().ok());
+        }
+
+        #[test]
+        fn thirteen_digits_descend_is_the_order_of_the_values(a in 1_000_000_000_000u64..10_000_000_000_000, delta in -1_000i64..1_000, far in any::<bool>()) {
+            let b = if far { 10_999_999_999_999 - a } else { a.saturating_add_signed(delta).clamp(1_000_000_000_000, 9_999_999_999_999) };
+            let text = format!("{a},{b}");
+            prop_assert_eq!(thirteen_digits_descend(text.as_bytes(), 0, 14), Some(b < a));
+        }
+
+        #[test]
+        fn up_to_sixteen_digits_agrees_with_str_parse(digits in "[0-9]{0,20}", suffix in "[^0-9]{16}") {
+            let text = format!("{digits}{suffix}");
+            let expected = (1..=16).contains(&digits.len()).then(|| (digits.parse::<u64>().unwrap(), digits.len()));
+            prop_assert_eq!(up_to_sixteen_digits(text.as_bytes(), 0), expected);
         }
 
         #[test]

@@ -88,9 +88,15 @@ impl PhoneIndex {
 /// (phone, span) items in file order, in chunks that grow geometrically up to 64 Ki
 /// items (1 MiB): unlike a `Vec` that doubles, growing never copies what is there or
 /// holds twice the memory, and thousands of small per-bucket lists stay small.
+///
+/// The chunk being filled is kept apart from the full ones, inline in the region's
+/// array of buckets: a push reads the bucket's own three words and writes the item,
+/// with no second pointer to follow (every record of a time-ordered file is pushed to
+/// a bucket chosen by its phone, so that load sat on the scan's critical path).
 #[derive(Debug, Default)]
 struct Items {
-    chunks: Vec<Vec<(u64, Span)>>,
+    current: Vec<(u64, Span)>,
+    full: Vec<Vec<(u64, Span)>>,
 }
 
 impl Items {
@@ -99,19 +105,41 @@ impl Items {
 
     #[inline]
     fn push(&mut self, item: (u64, Span)) {
-        match self.chunks.last_mut() {
-            Some(chunk) if chunk.len() < chunk.capacity() => chunk.push(item),
-            last => {
-                let capacity = last.map_or(Items::FIRST_CHUNK, |c| (c.capacity() * 2).min(Items::MAX_CHUNK));
-                let mut chunk = Vec::with_capacity(capacity);
-                chunk.push(item);
-                self.chunks.push(chunk);
-            }
+        if self.current.len() == self.current.capacity() {
+            self.next_chunk();
+        }
+        self.current.push(item);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn next_chunk(&mut self) {
+        let capacity = match self.current.capacity() {
+            0 => Items::FIRST_CHUNK,
+            full => (full * 2).min(Items::MAX_CHUNK),
+        };
+        let filled = std::mem::replace(&mut self.current, Vec::with_capacity(capacity));
+        if !filled.is_empty() {
+            self.full.push(filled);
         }
     }
 
+    fn is_empty(&self) -> bool {
+        self.current.is_empty() && self.full.is_empty()
+    }
+
     fn len(&self) -> usize {
-        self.chunks.iter().map(Vec::len).sum()
+        self.chunks().map(Vec::len).sum()
+    }
+
+    /// The chunks, in file order.
+    fn chunks(&self) -> impl Iterator<Item = &Vec<(u64, Span)>> {
+        self.full.iter().chain(std::iter::once(&self.current))
+    }
+
+    /// The chunks, in file order, consumed.
+    fn into_chunks(self) -> impl Iterator<Item = Vec<(u64, Span)>> {
+        self.full.into_iter().chain(std::iter::once(self.current))
     }
 }
 
@@ -192,6 +220,11 @@ fn scan_region(bytes: &[u8], start: usize, stop: usize, bits: u32) -> Result<Reg
                 Some((record.phone, pos, end))
             }
         };
+        // The compact layout's separator, `,{`, is taken without scanning for whitespace.
+        if bytes.get(end..end + 2) == Some(b",{") {
+            pos = end + 1;
+            continue;
+        }
         pos = skip_ws(bytes, end);
         match bytes.get(pos) {
             Some(b',') => pos = skip_ws(bytes, pos + 1),
@@ -341,7 +374,7 @@ fn group_by_phone(mut regions: Vec<Region>, bits: u32) -> PhoneIndex {
         summary.records += region.records;
         summary.negative_durations += region.negative_durations;
         for (bucket, items) in region.buckets.into_iter().enumerate() {
-            if !items.chunks.is_empty() {
+            if !items.is_empty() {
                 lists[bucket].push(items);
             }
         }
@@ -412,7 +445,7 @@ struct Scratch {
 fn group_bucket(scratch: &mut Scratch, lists: Vec<Items>, edges: Vec<(u64, Span)>, part: &mut [Span]) -> Grouped {
     // A file grouped by phone, or with few phones, gives each bucket one or a few phones
     // whose items arrive already in order: they are written straight into place.
-    let in_order = || lists.iter().flat_map(|items| items.chunks.iter().flatten()).chain(edges.iter());
+    let in_order = || lists.iter().flat_map(|items| items.chunks().flatten()).chain(edges.iter());
     if in_order().is_sorted() {
         return write_grouped(in_order().copied(), part);
     }
@@ -421,7 +454,7 @@ fn group_bucket(scratch: &mut Scratch, lists: Vec<Items>, edges: Vec<(u64, Span)
     gathered.clear();
     gathered.reserve(part.len());
     for items in lists {
-        for chunk in items.chunks {
+        for chunk in items.into_chunks() {
             gathered.extend_from_slice(&chunk);
         }
     }

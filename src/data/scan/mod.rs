@@ -20,7 +20,7 @@ mod malformed;
 
 #[cfg(test)]
 use compact::RECORD_WINDOW;
-pub use compact::{PhonePrefix, compact_record};
+pub use compact::{PhonePrefix, compact_indexed, compact_record};
 pub use general::{general_record, skip_value};
 pub use malformed::{Expected, Found, Malformed};
 
@@ -73,12 +73,18 @@ pub fn index_record(bytes: &[u8], pos: usize, last: &mut LastPhone) -> Scan<(Ind
     if let Some((ms, end)) = last.prefix.duration::<true>(bytes, pos) {
         return Ok((IndexedRecord { phone: last.prefix.phone(), negative: ms < 0 }, end));
     }
-    let (record, end) = record(bytes, pos)?;
-    if record.phone == last.previous && record.phone != last.prefix.phone() {
-        last.prefix = PhonePrefix::new(record.phone);
+    let (found, end) = match compact_indexed(bytes, pos) {
+        Some((phone, negative, end)) => (IndexedRecord { phone, negative }, end),
+        None => {
+            let (record, end) = record(bytes, pos)?;
+            (IndexedRecord { phone: record.phone, negative: record.end_date < record.start_date }, end)
+        }
+    };
+    if found.phone == last.previous && found.phone != last.prefix.phone() {
+        last.prefix = PhonePrefix::new(found.phone);
     }
-    last.previous = record.phone;
-    Ok((IndexedRecord { phone: record.phone, negative: record.end_date < record.start_date }, end))
+    last.previous = found.phone;
+    Ok((found, end))
 }
 
 /// The record at `pos`, in any valid layout.
@@ -264,5 +270,74 @@ mod tests {
         }
         // The prefix follows a phone once it repeats, and not before.
         assert_eq!(seen, [0, 0, 2, 2, 2]);
+    }
+
+    /// What `compact_indexed` must say of `text` (padded to a full window), worked out
+    /// by the general parser alone.
+    fn indexed_by_general(padded: &[u8]) -> Option<(u64, bool, usize)> {
+        general_record(padded, 0).ok().map(|(r, end)| (r.phone, r.end_date < r.start_date, end))
+    }
+
+    #[test]
+    fn the_index_fast_path_reads_compact_records_at_their_limits() {
+        let cases: [(&str, u64, bool); 7] = [
+            (r#"{"phone":0,"start_date":1684957028364,"end_date":1684957028364}"#, 0, false),
+            (r#"{"phone":7,"start_date":1684957028364,"end_date":1684957028363}"#, 7, true),
+            (r#"{"phone":12345678,"start_date":1000000000000,"end_date":9999999999999}"#, 12_345_678, false),
+            (r#"{"phone":123456789,"start_date":9999999999999,"end_date":1000000000000}"#, 123_456_789, true),
+            (r#"{"phone":79001234567,"start_date":1684957028364,"end_date":1684957028365}"#, 79_001_234_567, false),
+            (
+                r#"{"phone":9999999999999999,"start_date":1684957028365,"end_date":1684957028364}"#,
+                9_999_999_999_999_999,
+                true,
+            ),
+            // A duration negative only in the first digit, and only in the last.
+            (r#"{"phone":5,"start_date":2684957028364,"end_date":1684957028364}"#, 5, true),
+        ];
+        for (text, phone, negative) in cases {
+            let padded = format!("{text}{}", " ".repeat(RECORD_WINDOW));
+            assert_eq!(compact_indexed(padded.as_bytes(), 0), Some((phone, negative, text.len())), "{text}");
+            assert_eq!(indexed_by_general(padded.as_bytes()), Some((phone, negative, text.len())), "{text}");
+        }
+        // Valid, but for the general path: seventeen digits and more, other date widths,
+        // whitespace; and a record too close to the end of the input for the window.
+        for text in [
+            r#"{"phone":18446744073709551615,"start_date":1684957028364,"end_date":1684957028365}"#,
+            r#"{"phone":10000000000000000,"start_date":1684957028364,"end_date":1684957028365}"#,
+            r#"{"phone":7,"start_date":5,"end_date":1684957028365}"#,
+            r#"{"phone":7,"start_date":1684957028364,"end_date":16849570283650}"#,
+            r#"{"phone":7, "start_date":1684957028364,"end_date":1684957028365}"#,
+        ] {
+            let padded = format!("{text}{}", " ".repeat(RECORD_WINDOW));
+            assert_eq!(compact_indexed(padded.as_bytes(), 0), None, "{text}");
+            assert!(indexed_by_general(padded.as_bytes()).is_some(), "{text}");
+        }
+        let text = r#"{"phone":7,"start_date":1684957028364,"end_date":1684957028365}"#;
+        assert_eq!(compact_indexed(text.as_bytes(), 0), None, "no full window");
+    }
+
+    #[test]
+    fn the_index_fast_path_never_disagrees_with_the_general_parser_on_any_byte_changed() {
+        let records = [
+            r#"{"phone":7,"start_date":1684957028364,"end_date":1684957028363}"#,
+            r#"{"phone":79001234567,"start_date":1684957028364,"end_date":1684957099999}"#,
+            r#"{"phone":1234567812345678,"start_date":1000000000000,"end_date":9999999999999}"#,
+        ];
+        let substitutes = b"0159-+.eE \"\\,:{}[]ax\x00\xff";
+        let mut answered = 0;
+        for record in records {
+            for at in 0..record.len() {
+                for &byte in substitutes.iter() {
+                    let mut padded = format!("{record}{}", " ".repeat(RECORD_WINDOW)).into_bytes();
+                    padded[at] = byte;
+                    if let Some(fast) = compact_indexed(&padded, 0) {
+                        assert_eq!(Some(fast), indexed_by_general(&padded), "{}", String::from_utf8_lossy(&padded));
+                        answered += 1;
+                    }
+                }
+            }
+        }
+        // Digits replaced by digits (other than a leading zero) stay valid compact records.
+        assert!(answered > 300, "the fast path answered only {answered} variants");
     }
 }
