@@ -60,7 +60,7 @@ pub fn compact_record(bytes: &[u8], pos: usize) -> Option<(Record, usize)> {
 /// dates only compared, never converted. Reads through one fixed-size window, like
 /// [`PhonePrefix::duration`].
 #[inline(always)]
-pub fn compact_indexed(bytes: &[u8], pos: usize) -> Option<(u64, bool, usize)> {
+pub(super) fn compact_indexed(bytes: &[u8], pos: usize) -> Option<(u64, bool, usize)> {
     let window: &[u8; RECORD_WINDOW] = bytes.get(pos..pos + RECORD_WINDOW)?.try_into().ok()?;
     let phone_at = literal(window, 0, COMPACT_PHONE)?;
     let (phone, digits) = up_to_sixteen_digits(window, phone_at)?;
