@@ -9,6 +9,14 @@
 //! cost is spread over the appends that caused it. A new base's journal is started after the base is in place;
 //! a journal of an older generation is ignored, so a crash between the two loses
 //! nothing that the new base does not hold.
+//!
+//! Replicas may share the files (`compose up --scale`). Every write holds an exclusive
+//! lock on `<path>.lock` (a `flock`, so it is released if the process dies) and, under
+//! it, checks that the base and journal on disk are still the ones it opened: another
+//! replica may have started a new base (new data, or a fold). If they are not, the write
+//! appends the writer's whole cache, not just its changes, to the live files, since what
+//! it appended before went to files no longer there. The last writer wins a base; every
+//! writer's entries reach it.
 
 use super::format::{
     BASE_HEADER_LEN, Base, JOURNAL_HEADER_LEN, SnapshotError, decode_base, decode_base_header, decode_journal,
@@ -69,6 +77,16 @@ pub fn journal_path(path: &Path) -> PathBuf {
 /// The snapshot at `path`; `Ok(None)` when there is none. A base that cannot be used is
 /// an error; a journal that cannot be used (or belongs to another base) is ignored.
 pub fn load(path: &Path) -> Result<Option<Restored>, SnapshotError> {
+    // Shared with other readers, so a replica's write cannot replace the base between
+    // reading it and its journal. Best effort: without the lock the generation check
+    // still keeps a journal from being read as another base's.
+    let lock = open_lock(path).ok().filter(|lock| lock.lock_shared().is_ok());
+    let loaded = load_unlocked(path);
+    drop(lock);
+    loaded
+}
+
+fn load_unlocked(path: &Path) -> Result<Option<Restored>, SnapshotError> {
     let base = match std::fs::read(path) {
         Ok(bytes) => decode_base(&bytes)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -89,6 +107,9 @@ pub fn load(path: &Path) -> Result<Option<Restored>, SnapshotError> {
 #[derive(Debug)]
 struct Current {
     generation: u64,
+    /// The journal's device and inode, to tell whether the file at the journal's path
+    /// is still the one open here.
+    journal_id: (u64, u64),
     identity: DataIdentity,
     base_bytes: u64,
     journal: std::fs::File,
@@ -99,6 +120,8 @@ struct Current {
 #[derive(Debug)]
 pub struct Store {
     path: PathBuf,
+    /// `<path>.lock`, opened at the first write.
+    lock: Option<std::fs::File>,
     /// `None` until the first write, and after a failed one (the next write starts over
     /// from what is on disk).
     current: Option<Current>,
@@ -107,7 +130,12 @@ pub struct Store {
 impl Store {
     /// The snapshot at `path` (base) and `path.journal`; nothing is read yet.
     pub fn new(path: PathBuf) -> Store {
-        Store { path, current: None }
+        Store { path, lock: None, current: None }
+    }
+
+    /// Whether this store has written (and so has files another writer may replace).
+    pub fn has_written(&self) -> bool {
+        self.current.is_some()
     }
 
     /// Saves `delta`: appended to the journal of the base of its data (resuming the files
@@ -127,12 +155,39 @@ impl Store {
     }
 
     fn write_inner(&mut self, delta: &Delta, everything: Everything) -> std::io::Result<()> {
-        if self.current.as_ref().is_none_or(|c| c.identity != delta.identity) {
+        let lock = match self.lock.take() {
+            Some(lock) => lock,
+            None => open_lock(&self.path)?,
+        };
+        lock.lock()?;
+        let written = self.write_locked(delta, everything);
+        let unlocked = lock.unlock();
+        self.lock = Some(lock);
+        written.and(unlocked)
+    }
+
+    fn write_locked(&mut self, delta: &Delta, everything: Everything) -> std::io::Result<()> {
+        // What this writer appended went to files another replica has since replaced:
+        // its whole cache goes into the live ones (when it is still of this data).
+        let replaced = match &self.current {
+            Some(current) => !self.still_on_disk(current)?,
+            None => false,
+        };
+        if replaced || self.current.as_ref().is_none_or(|c| c.identity != delta.identity) {
             self.current = Some(self.resume_or_start(delta.identity, delta.now_ms)?);
         }
         let Some(current) = self.current.as_mut() else { return Ok(()) };
-        if !delta.entries.is_empty() {
-            let batch = encode_batch(&delta.entries);
+        let resaved;
+        let entries = match replaced.then(everything) {
+            Some((identity, mut cached)) if identity == delta.identity => {
+                cached.retain(|e| e.expires_ms > delta.now_ms);
+                resaved = cached;
+                &resaved
+            }
+            _ => &delta.entries,
+        };
+        if !entries.is_empty() {
+            let batch = encode_batch(entries);
             current.journal.write_all(&batch)?;
             current.journal.sync_data()?;
             current.journal_bytes += batch.len() as u64;
@@ -141,6 +196,20 @@ impl Store {
             self.compact(delta, everything)?;
         }
         Ok(())
+    }
+
+    /// Whether the base and journal at the store's paths are still those of `current`.
+    fn still_on_disk(&self, current: &Current) -> std::io::Result<bool> {
+        let journal = match std::fs::metadata(journal_path(&self.path)) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if file_id(&journal) != current.journal_id {
+            return Ok(false);
+        }
+        let header = read_prefix(&self.path, BASE_HEADER_LEN).ok().and_then(|b| decode_base_header(&b).ok());
+        Ok(header.is_some_and(|h| h.generation == current.generation && h.identity == current.identity))
     }
 
     /// The files on disk if their base belongs to `identity`, else a new empty base.
@@ -163,7 +232,14 @@ impl Store {
                 // would be unreadable too.
                 file.set_len(valid_len as u64)?;
                 let journal_bytes = (valid_len - JOURNAL_HEADER_LEN) as u64;
-                Ok(Current { generation: header.generation, identity, base_bytes, journal: file, journal_bytes })
+                Ok(Current {
+                    generation: header.generation,
+                    journal_id: file_id(&file.metadata()?),
+                    identity,
+                    base_bytes,
+                    journal: file,
+                    journal_bytes,
+                })
             }
             // A generation that cannot collide with a journal left from before (one that
             // belonged to an unreadable base, say): the wall clock, and later than the last.
@@ -180,11 +256,13 @@ impl Store {
         atomic_file::write(&self.path, &bytes)?;
         let journal = journal_path(&self.path);
         atomic_file::write(&journal, &encode_journal_header(base.generation))?;
+        let journal = std::fs::OpenOptions::new().append(true).open(&journal)?;
         Ok(Current {
             generation: base.generation,
+            journal_id: file_id(&journal.metadata()?),
             identity: base.identity,
             base_bytes: bytes.len() as u64,
-            journal: std::fs::OpenOptions::new().append(true).open(&journal)?,
+            journal,
             journal_bytes: 0,
         })
     }
@@ -212,6 +290,20 @@ impl Store {
         self.current = Some(self.start(base)?);
         Ok(())
     }
+}
+
+/// Opens (creating it if needed) the lock file of the snapshot at `path`, which every
+/// writer sharing the files holds while it writes.
+fn open_lock(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut lock = path.as_os_str().to_owned();
+    lock.push(".lock");
+    std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(PathBuf::from(lock))
+}
+
+/// A file's device and inode.
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
 }
 
 /// The first `len` bytes of the file at `path` (fewer if it is shorter).
@@ -354,6 +446,54 @@ mod tests {
         assert!(std::fs::metadata(journal_path(&path)).unwrap().len() > 1 << 20, "not folded");
         let restored = load(&path).unwrap().unwrap();
         assert_eq!((restored.identity, restored.entries.len()), (DATA, 20_000));
+    }
+
+    /// Replicas sharing the files while the data is replaced: a stale replica writes a
+    /// base of the old data, then a new base of the new data, while another replica goes
+    /// on appending to the journal it opened before. Its appends went to a journal no
+    /// longer on disk, and a restart found nothing of its cache; it now notices the files
+    /// are not the ones it opened and saves its whole cache into the live ones.
+    #[test]
+    fn a_replica_whose_files_another_replaced_saves_its_cache_into_the_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        let mut a = Store::new(path.clone());
+        let mut b = Store::new(path.clone());
+        a.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap();
+        b.write(&delta(OTHER, vec![entry(7, 7, 1_000)]), &nothing).unwrap();
+        b.write(&delta(DATA, vec![entry(8, 8, 1_000)]), &nothing).unwrap();
+        let a_cache = || (DATA, vec![entry(1, 1, 1_000), entry(2, 2, 1_000)]);
+        a.write(&delta(DATA, vec![entry(2, 2, 1_000)]), &a_cache).unwrap();
+        let restored = load(&path).unwrap().unwrap();
+        assert_eq!(restored.identity, DATA);
+        assert_eq!(records(&restored), [(8, 8), (1, 1), (2, 2)]);
+        // Both go on appending to the same files.
+        b.write(&delta(DATA, vec![entry(9, 9, 1_000)]), &nothing).unwrap();
+        a.write(&delta(DATA, vec![entry(3, 3, 1_000)]), &nothing).unwrap();
+        assert_eq!(records(&load(&path).unwrap().unwrap()), [(8, 8), (1, 1), (2, 2), (9, 9), (3, 3)]);
+    }
+
+    /// Another replica folded the journal into a new base (a new generation): this one's
+    /// next write goes into the new journal, with its whole cache, not into the old one.
+    #[test]
+    fn a_fold_by_another_replica_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        let mut a = Store::new(path.clone());
+        let mut b = Store::new(path.clone());
+        a.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap();
+        let batch: Vec<CachedPhone> = (10..20_000).map(|p| entry(p, 2, 1_000)).collect();
+        let b_cache = {
+            let batch = batch.clone();
+            move || (DATA, batch.clone())
+        };
+        b.write(&Delta { capacity: 100_000, ..delta(DATA, batch) }, &b_cache).unwrap();
+        assert_eq!(std::fs::metadata(journal_path(&path)).unwrap().len(), JOURNAL_HEADER_LEN as u64, "folded");
+        a.write(&delta(DATA, vec![entry(2, 3, 1_000)]), &|| (DATA, vec![entry(1, 1, 1_000), entry(2, 3, 1_000)]))
+            .unwrap();
+        let restored = load(&path).unwrap().unwrap();
+        assert_eq!(restored.entries.len(), 19_990 + 2);
+        assert_eq!(records(&restored)[19_990..], [(1, 1), (2, 3)]);
     }
 
     /// A fold starts a new generation, so a journal of the base before it (left by a

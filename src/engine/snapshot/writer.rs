@@ -132,7 +132,9 @@ fn writer_loop(
         let (dirty, stop) = (signal.dirty, signal.stop);
         signal.dirty = false;
         drop(signal);
-        if dirty {
+        // At shutdown a writer with nothing new still checks that another replica has
+        // not replaced the files it wrote, and saves its cache into them if it has.
+        if dirty || (stop && store.has_written()) {
             write_one(&mut store, sources, metrics);
             count.send_modify(|n| *n += 1);
             last_write = Some(Instant::now());
@@ -207,6 +209,39 @@ mod tests {
         let phones: Vec<u64> = super::super::load(&path).unwrap().unwrap().entries.iter().map(|e| e.phone).collect();
         assert_eq!(phones, [1, 2]);
         assert_eq!(metrics.snapshot_writes.get(), 2);
+    }
+
+    /// Another replica replaced the files after this writer's last write; the writer has
+    /// nothing new at shutdown, yet saves its cache into the new files.
+    #[tokio::test]
+    async fn at_shutdown_the_writer_saves_its_cache_into_files_another_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        let taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let source: Source = Box::new(move || {
+            let first = !taken.swap(true, std::sync::atomic::Ordering::SeqCst);
+            Delta { entries: if first { delta(1).entries } else { Vec::new() }, ..delta(0) }
+        });
+        let marker = DirtyMarker::default();
+        let writer = SnapshotWriter::spawn(
+            marker.clone(),
+            path.clone(),
+            Duration::from_secs(3600),
+            source,
+            Box::new(|| (DATA, delta(1).entries)),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let mut written = writer.written();
+        marker.mark();
+        tokio::time::timeout(Duration::from_secs(10), written.wait_for(|n| *n >= 1)).await.unwrap().unwrap();
+        let mut other = Store::new(path.clone());
+        let none = || (DATA, Vec::new());
+        other.write(&Delta { identity: DataIdentity { digest: 7, ..DATA }, ..delta(8) }, &none).unwrap();
+        other.write(&delta(9), &none).unwrap();
+        writer.shutdown();
+        let phones: Vec<u64> = super::super::load(&path).unwrap().unwrap().entries.iter().map(|e| e.phone).collect();
+        assert_eq!(phones, [9, 1]);
     }
 
     #[tokio::test]
