@@ -28,5 +28,5 @@ pub use index::{
 };
 pub use index_files::{IndexFiles, Stored};
 pub use scan::{Expected, Field, Found, Malformed, PhonePrefix};
-pub use segments::{Segment, Segments};
+pub use segments::{Located, Segment, Segments};
 pub use stats::{CallStats, Tally};

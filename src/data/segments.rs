@@ -10,7 +10,7 @@
 use super::dataset::{Dataset, IndexOrigin};
 use super::error::DataError;
 use super::identity::{DataIdentity, FileIdentity};
-use super::index::IndexSummary;
+use super::index::{IndexSummary, Span};
 use super::index_files::IndexFiles;
 use crate::platform::pool::WorkerPool;
 use std::path::{Path, PathBuf};
@@ -193,17 +193,12 @@ impl Segments {
         self.parts.iter().any(|p| !p.dataset.index().spans(phone).is_empty())
     }
 
-    /// Whether any segment has records of each of `phones` (as [`Segments::has_records`]
-    /// says), the phones looked up side by side and their first records loaded on the
-    /// way (see [`Dataset::spans_of_each`]): what a task's misses need first.
-    pub fn have_records(&self, phones: &[u64]) -> Vec<bool> {
-        let mut have = vec![false; phones.len()];
-        for part in &self.parts {
-            for (has, spans) in have.iter_mut().zip(part.dataset.spans_of_each(phones)) {
-                *has |= !spans.is_empty();
-            }
-        }
-        have
+    /// Where the records of each of `phones` are: per segment (in [`Segments::parts`]
+    /// order), the spans of each phone, as [`Dataset::spans_of_each`] finds them (side by
+    /// side, their first records loading on the way). What a task's misses need first:
+    /// whether a phone has records at all, and then what to read.
+    pub fn locate(&self, phones: &[u64]) -> Located<'_> {
+        Located { per_part: self.parts.iter().map(|part| part.dataset.spans_of_each(phones)).collect() }
     }
 
     /// Records, spans and index memory summed over all segments; phones counted once
@@ -221,6 +216,45 @@ impl Segments {
     /// with (see [`Dataset::still_intact`]).
     pub fn still_intact(&self) -> bool {
         self.parts.iter().all(|p| p.dataset.still_intact())
+    }
+}
+
+/// The spans of a list of phones in every segment (see [`Segments::locate`]).
+#[derive(Debug, Clone, Default)]
+pub struct Located<'a> {
+    /// `per_part[part][slot]`: the spans of the `slot`-th phone in segment `part`.
+    per_part: Vec<Vec<&'a [Span]>>,
+}
+
+impl<'a> Located<'a> {
+    /// Whether any segment has records of the `slot`-th phone.
+    pub fn has_records(&self, slot: usize) -> bool {
+        self.per_part.iter().any(|part| !part[slot].is_empty())
+    }
+
+    /// The spans of the `slot`-th phone in segment `part`.
+    pub fn spans(&self, part: usize, slot: usize) -> &'a [Span] {
+        self.per_part[part][slot]
+    }
+
+    /// The phones at `slots`, in that order, as a list of their own.
+    pub fn select(&self, slots: &[usize]) -> Located<'a> {
+        Located { per_part: self.per_part.iter().map(|part| slots.iter().map(|&k| part[k]).collect()).collect() }
+    }
+
+    /// Bytes of records the statistics of every phone read, over every segment.
+    pub fn bytes(&self) -> usize {
+        self.per_part.iter().flatten().flat_map(|spans| spans.iter()).map(|span| span.len()).sum()
+    }
+
+    /// How many phones.
+    pub fn len(&self) -> usize {
+        self.per_part.first().map_or(0, Vec::len)
+    }
+
+    /// Whether there are no phones.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -309,6 +343,27 @@ mod tests {
             segments.identity(),
             DataIdentity::of(list(dir.path()).unwrap().iter().map(|(n, i)| (n.as_str(), *i)))
         );
+    }
+
+    /// Located phones, against the bytes of their records counted from the files.
+    #[test]
+    fn located_phones_have_the_spans_of_every_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a1, a2) = (r#"{"phone":1,"start_date":0,"end_date":2000}"#, r#"{"phone":2,"start_date":0,"end_date":20}"#);
+        let b1 = r#"{"phone":1,"start_date":0,"end_date":1000}"#;
+        std::fs::write(dir.path().join("a.json"), format!("[{a1},{a2}]")).unwrap();
+        std::fs::write(dir.path().join("b.json"), format!("[{b1}]")).unwrap();
+        let segments = Segments::open(dir.path(), &pool()).unwrap();
+        let located = segments.locate(&[2, 3, 1]);
+        assert_eq!(located.len(), 3);
+        assert_eq!([located.has_records(0), located.has_records(1), located.has_records(2)], [true, false, true]);
+        let (a1, a2, b1) = (a1.len(), a2.len(), b1.len());
+        assert_eq!(located.bytes(), a1 + a2 + b1);
+        let ones = located.select(&[2]);
+        assert_eq!((ones.len(), ones.bytes()), (1, a1 + b1));
+        assert_eq!((ones.spans(0, 0).len(), ones.spans(1, 0).len()), (1, 1));
+        assert_eq!(located.select(&[1]).bytes(), 0);
+        assert!(Segments::open(tempfile::tempdir().unwrap().path(), &pool()).unwrap().locate(&[1]).is_empty());
     }
 
     #[test]

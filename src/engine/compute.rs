@@ -6,7 +6,7 @@
 //! from the rayon pool, never from the async runtime.
 
 use crate::data::stats::CallStats;
-use crate::data::{PhonePrefix, Segments, Span, StaleData};
+use crate::data::{Located, PhonePrefix, Segments, StaleData};
 use crate::platform::pool::WorkerPool;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -21,17 +21,6 @@ const UNIT_BYTES: usize = 256 * 1024;
 /// this small.
 pub const INLINE_BYTES: usize = 32 * 1024;
 
-/// Bytes of records the statistics of `phones` read, over every segment.
-pub fn bytes_to_read(data: &Segments, phones: &[u64]) -> usize {
-    let mut bytes = 0;
-    for part in data.parts() {
-        for &phone in phones {
-            bytes += part.dataset().index().spans(phone).iter().map(|span| span.len()).sum::<usize>();
-        }
-    }
-    bytes
-}
-
 /// Statistics of each of `phones` (same order, same length) over every segment of
 /// `data`. Phones without records get [`CallStats::EMPTY`]. Runs on `pool` and blocks
 /// until done.
@@ -41,7 +30,18 @@ pub fn bytes_to_read(data: &Segments, phones: &[u64]) -> usize {
 /// computed from them is cached, snapshotted or answered; the task is retried on the new
 /// file).
 pub fn compute(data: &Segments, phones: &[u64], pool: &WorkerPool) -> Result<Vec<CallStats>, StaleData> {
-    compute_checked(data, phones, pool, || {})
+    compute_located(data, phones, &data.locate(phones), pool)
+}
+
+/// [`compute`] of phones already located in `data` (by [`Segments::locate`], in the
+/// same order): a task's misses are looked up once.
+pub fn compute_located(
+    data: &Segments,
+    phones: &[u64],
+    located: &Located<'_>,
+    pool: &WorkerPool,
+) -> Result<Vec<CallStats>, StaleData> {
+    compute_checked(data, phones, located, pool, || {})
 }
 
 /// [`compute`], with `meanwhile` run after the records are read and before the final
@@ -49,13 +49,14 @@ pub fn compute(data: &Segments, phones: &[u64], pool: &WorkerPool) -> Result<Vec
 fn compute_checked(
     data: &Segments,
     phones: &[u64],
+    located: &Located<'_>,
     pool: &WorkerPool,
     meanwhile: impl FnOnce(),
 ) -> Result<Vec<CallStats>, StaleData> {
     if !data.still_intact() {
         return Err(StaleData::Changed);
     }
-    let result = aggregate(data, phones, pool)?;
+    let result = aggregate(data, phones, located, pool)?;
     meanwhile();
     if !data.still_intact() {
         return Err(StaleData::Changed);
@@ -66,15 +67,19 @@ fn compute_checked(
 /// One unit of work: (index into `phones`, segment, range of that phone's spans in it).
 type Unit = (usize, usize, Range<usize>);
 
-fn aggregate(data: &Segments, phones: &[u64], pool: &WorkerPool) -> Result<Vec<CallStats>, StaleData> {
+fn aggregate(
+    data: &Segments,
+    phones: &[u64],
+    located: &Located<'_>,
+    pool: &WorkerPool,
+) -> Result<Vec<CallStats>, StaleData> {
     let prefixes: Vec<PhonePrefix> = phones.iter().map(|&phone| PhonePrefix::new(phone)).collect();
-    let units = work_units(data, phones);
+    let units = work_units(data, located);
     let unit = |&(slot, part, ref spans): &Unit| -> Result<(usize, CallStats), StaleData> {
-        let phone = &prefixes[slot];
         let dataset = data.parts()[part].dataset();
-        Ok((slot, dataset.aggregate(&dataset.index().spans(phone.phone())[spans.clone()], phone)?))
+        Ok((slot, dataset.aggregate(&located.spans(part, slot)[spans.clone()], &prefixes[slot])?))
     };
-    let partials: Vec<(usize, CallStats)> = if bytes_to_read(data, phones) <= INLINE_BYTES {
+    let partials: Vec<(usize, CallStats)> = if located.bytes() <= INLINE_BYTES {
         units.iter().map(unit).collect::<Result<_, StaleData>>()?
     } else {
         pool.threads().install(|| units.par_iter().map(unit).collect::<Result<_, StaleData>>())?
@@ -87,11 +92,11 @@ fn aggregate(data: &Segments, phones: &[u64], pool: &WorkerPool) -> Result<Vec<C
 }
 
 /// Units of about `UNIT_BYTES` of records each.
-fn work_units(data: &Segments, phones: &[u64]) -> Vec<Unit> {
+fn work_units(data: &Segments, located: &Located<'_>) -> Vec<Unit> {
     let mut units = Vec::new();
-    for (part, segment) in data.parts().iter().enumerate() {
-        for (slot, &phone) in phones.iter().enumerate() {
-            let spans: &[Span] = segment.dataset().index().spans(phone);
+    for part in 0..data.parts().len() {
+        for slot in 0..located.len() {
+            let spans = located.spans(part, slot);
             let mut first = 0;
             let mut bytes = 0;
             for (i, span) in spans.iter().enumerate() {
@@ -135,7 +140,8 @@ mod tests {
             let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
             file.set_modified(later).unwrap();
         };
-        assert!(matches!(compute_checked(&dataset, &[3], &pool, rewrite), Err(StaleData::Changed)));
+        let located = dataset.locate(&[3]);
+        assert!(matches!(compute_checked(&dataset, &[3], &located, &pool, rewrite), Err(StaleData::Changed)));
         assert!(matches!(compute(&dataset, &[3], &pool), Err(StaleData::Changed)), "and every later read");
     }
 }

@@ -7,7 +7,7 @@
 //! pool and is awaited through a channel.
 
 use crate::data::stats::CallStats;
-use crate::data::{DataIdentity, IndexFiles, Segment, Segments, StaleData};
+use crate::data::{DataIdentity, IndexFiles, Located, Segment, Segments, StaleData};
 use crate::engine::cache::{Advanced, Answer, Cache, CachedPhone, ENTRY_BYTES, Fate};
 use crate::engine::compute;
 use crate::engine::flight::{self, Landing, Waiting};
@@ -264,6 +264,10 @@ impl Engine {
         let mut owned = Vec::new();
         let mut hits = 0;
         let mut missing = Vec::new();
+        // Where the missed phones' records are (`missing` order), and which of them this
+        // task computes (`owned` order).
+        let mut located = Located::default();
+        let mut owned_slots = Vec::new();
         {
             let mut state = self.inner.state.lock();
             for (i, &phone) in phones.iter().enumerate() {
@@ -280,15 +284,16 @@ impl Engine {
         if !missing.is_empty() {
             // The index is read outside the lock, the misses side by side: on a phone book
             // each lookup is a chain of cache misses, and they would hold every other task.
-            let have = loaded.data.have_records(&missing.iter().map(|&i| phones[i]).collect::<Vec<_>>());
+            let asked: Vec<u64> = missing.iter().map(|&i| phones[i]).collect();
+            located = loaded.data.locate(&asked);
             let mut state = self.inner.state.lock();
-            for (&i, has_records) in missing.iter().zip(have) {
+            for (k, &i) in missing.iter().enumerate() {
                 let phone = phones[i];
                 if let Some(answer) = state.cache.get(phone, epoch, now) {
                     // Cached by another task since the look above.
                     result[i] = Some(answer);
                     hits += 1;
-                } else if !has_records {
+                } else if !located.has_records(k) {
                     // Nothing to compute, and not cached: unknown phones cannot grow the cache.
                     result[i] = Some(answer(phone, CallStats::EMPTY));
                     empty += 1;
@@ -299,6 +304,7 @@ impl Engine {
                             let (landing, waiting) = flight::flight();
                             state.flights.insert((epoch, phone), waiting.clone());
                             owned.push((phone, landing));
+                            owned_slots.push(k);
                             waiting
                         }
                     };
@@ -312,16 +318,17 @@ impl Engine {
         metrics.phones_from(Source::Computed, owned.len() as u64);
         metrics.phones_from(Source::Shared, (waits.len() - owned.len()) as u64);
         if !owned.is_empty() {
-            let phones: Vec<u64> = owned.iter().map(|(phone, _)| *phone).collect();
-            if compute::bytes_to_read(&loaded.data, &phones) <= compute::INLINE_BYTES {
+            let located = located.select(&owned_slots);
+            if located.bytes() <= compute::INLINE_BYTES {
                 // A few records (a phone book's phones have a handful each): reading them
                 // here costs less than the hop to the pool and back (see `compute`).
-                self.inner.compute_flights(&loaded, owned);
+                self.inner.compute_flights(&loaded, owned, Some(&located));
             } else {
                 let inner = Arc::clone(&self.inner);
                 // The computation publishes its own results, so it completes (and fills
-                // the cache for everyone) even if this task is dropped while waiting.
-                self.inner.pool.spawn(move || inner.compute_flights(&loaded, owned));
+                // the cache for everyone) even if this task is dropped while waiting. It
+                // looks the phones up again there: what `located` borrows stays here.
+                self.inner.pool.spawn(move || inner.compute_flights(&loaded, owned, None));
             }
         }
         for (i, flight) in waits {
@@ -372,7 +379,9 @@ impl Engine {
 impl Inner {
     /// Computes the phones this task owns and hands every waiter its result. Runs on
     /// the pool.
-    fn compute_flights(&self, loaded: &Loaded, owned: Vec<(u64, Landing)>) {
+    /// Computes the phones of `owned`, located in `loaded` if `located` is given (in
+    /// `owned` order), lands their flights and caches them.
+    fn compute_flights(&self, loaded: &Loaded, owned: Vec<(u64, Landing)>, located: Option<&Located<'_>>) {
         /// Removes the flights if the computation ends without landing them (a panic),
         /// so no later task joins a computation that will never finish.
         struct Land<'a> {
@@ -393,7 +402,10 @@ impl Inner {
         }
         let phones: Vec<u64> = owned.iter().map(|(phone, _)| *phone).collect();
         let mut land = Land { state: &self.state, epoch: loaded.epoch, phones };
-        let computed = compute::compute(&loaded.data, &land.phones, &self.pool);
+        let computed = match located {
+            Some(located) => compute::compute_located(&loaded.data, &land.phones, located, &self.pool),
+            None => compute::compute(&loaded.data, &land.phones, &self.pool),
+        };
         if computed.is_err() {
             self.stale.notify_one();
         }
