@@ -25,8 +25,10 @@ use super::format::{
 use crate::data::DataIdentity;
 use crate::engine::cache::CachedPhone;
 use crate::platform::atomic_file;
+use std::fs::TryLockError;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The journal is compacted into the base once it is larger than the base and at least
 /// this large.
@@ -80,7 +82,7 @@ pub fn load(path: &Path) -> Result<Option<Restored>, SnapshotError> {
     // Shared with other readers, so a replica's write cannot replace the base between
     // reading it and its journal. Best effort: without the lock the generation check
     // still keeps a journal from being read as another base's.
-    let lock = open_lock(path).ok().filter(|lock| lock.lock_shared().is_ok());
+    let lock = open_lock(path).ok().filter(|lock| acquire(lock, Share::Shared, LOCK_WAIT).is_ok());
     let loaded = load_unlocked(path);
     drop(lock);
     loaded
@@ -122,6 +124,8 @@ pub struct Store {
     path: PathBuf,
     /// `<path>.lock`, opened at the first write.
     lock: Option<std::fs::File>,
+    /// How long a write waits for the lock before it fails (and is retried at the next).
+    lock_wait: Duration,
     /// `None` until the first write, and after a failed one (the next write starts over
     /// from what is on disk).
     current: Option<Current>,
@@ -130,7 +134,7 @@ pub struct Store {
 impl Store {
     /// The snapshot at `path` (base) and `path.journal`; nothing is read yet.
     pub fn new(path: PathBuf) -> Store {
-        Store { path, lock: None, current: None }
+        Store { path, lock: None, lock_wait: LOCK_WAIT, current: None }
     }
 
     /// Whether this store has written (and so has files another writer may replace).
@@ -159,7 +163,10 @@ impl Store {
             Some(lock) => lock,
             None => open_lock(&self.path)?,
         };
-        lock.lock()?;
+        if let Err(e) = acquire(&lock, Share::Exclusive, self.lock_wait) {
+            self.lock = Some(lock);
+            return Err(e);
+        }
         let written = self.write_locked(delta, everything);
         let unlocked = lock.unlock();
         self.lock = Some(lock);
@@ -289,6 +296,42 @@ impl Store {
             Base { generation: current.generation + 1, identity: current.identity, written_ms: delta.now_ms, entries };
         self.current = Some(self.start(base)?);
         Ok(())
+    }
+}
+
+/// How long a write (or the startup's read) waits for the lock. A replica holding it
+/// while stopped (`docker pause`, SIGSTOP, a hung disk) must not wedge the others: their
+/// writes fail and are retried at the next, their shutdown is not held, and a restart
+/// reads the files without the lock.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy)]
+enum Share {
+    Shared,
+    Exclusive,
+}
+
+/// Takes `lock` as `share` says, waiting at most `wait` for another holder to let go.
+fn acquire(lock: &std::fs::File, share: Share, wait: Duration) -> std::io::Result<()> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let tried = match share {
+            Share::Shared => lock.try_lock_shared(),
+            Share::Exclusive => lock.try_lock(),
+        };
+        match tried {
+            Ok(()) => return Ok(()),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("another writer held the snapshot's lock for {} ms", wait.as_millis()),
+                ));
+            }
+            Err(TryLockError::Error(e)) => return Err(e),
+        }
     }
 }
 
@@ -494,6 +537,25 @@ mod tests {
         let restored = load(&path).unwrap().unwrap();
         assert_eq!(restored.entries.len(), 19_990 + 2);
         assert_eq!(records(&restored)[19_990..], [(1, 1), (2, 3)]);
+    }
+
+    /// A writer that cannot get the lock (another replica holds it, stopped) fails
+    /// within its bound rather than waiting forever, and writes once the lock is free.
+    #[test]
+    fn a_lock_held_elsewhere_fails_the_write_within_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        let held = open_lock(&path).unwrap();
+        held.lock().unwrap();
+        let mut store = Store { lock_wait: Duration::from_millis(50), ..Store::new(path.clone()) };
+        let error = store.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+        assert!(!path.exists(), "nothing written without the lock");
+        // The startup's read does not wait on it either.
+        assert_eq!(load(&path).unwrap(), None);
+        held.unlock().unwrap();
+        store.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap();
+        assert_eq!(records(&load(&path).unwrap().unwrap()), [(1, 1)]);
     }
 
     /// A fold starts a new generation, so a journal of the base before it (left by a
