@@ -404,16 +404,28 @@ async fn steady_load_through(restarts: usize, down: Duration) {
             failover.as_secs_f64()
         );
     }
+    // The longest a confirmed task waited for its answer: what the service controls. The
+    // longest stretch without any answer also holds the test's own client's stalls (its
+    // publish waits for a confirm from a node that takes seconds to stop, then it
+    // reconnects): a CI run on a slow VM saw a 5.96 s stretch while the service had
+    // consumed again 2.67 s after the stop began.
+    let slowest = ledger
+        .sent
+        .iter()
+        .filter_map(|(id, sent)| Some(ledger.answered.get(id)?.saturating_duration_since(*sent)))
+        .max()
+        .unwrap_or_default();
     println!(
-        "  longest stretch without an answer: {:.2} s, from +{:.1} s",
+        "  longest stretch without an answer: {:.2} s, from +{:.1} s; longest a confirmed task waited for its answer: {:.2} s",
         gap.as_secs_f64(),
-        (gap_at - began).as_secs_f64()
+        (gap_at - began).as_secs_f64(),
+        slowest.as_secs_f64()
     );
     assert_eq!(ledger.sent.len() as u64, total, "every task was published and confirmed");
     assert!(lost.is_empty(), "{} tasks never answered: {:?}", lost.len(), &lost[..lost.len().min(20)]);
     assert!(ledger.wrong.is_empty(), "wrong reports: {:?}", &ledger.wrong[..ledger.wrong.len().min(3)]);
     if !one_url {
-        assert!(gap <= Duration::from_secs(5), "answers stopped for {gap:?} (at most 5 s)");
+        assert!(slowest <= Duration::from_secs(5), "a task waited {slowest:?} for its answer (at most 5 s)");
     }
 }
 
@@ -422,8 +434,8 @@ fn rand_seed() -> u128 {
 }
 
 /// One node (the one the service consumes from) stopped for 10 s under a steady load:
-/// the service fails over to another node at once; 0 lost, 0 wrong, answers never stop
-/// for more than 5 s.
+/// the service fails over to another node at once; 0 lost, 0 wrong, no confirmed task
+/// waits more than 5 s for its answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the RabbitMQ 4 cluster of scripts/rabbitmq4 (TEST_CLUSTER=scripts/rabbitmq4)"]
 async fn cluster_a_node_stopped_under_load_loses_nothing_and_answers_resume_within_seconds() {
