@@ -377,10 +377,9 @@ impl Engine {
 }
 
 impl Inner {
-    /// Computes the phones this task owns and hands every waiter its result. Runs on
-    /// the pool.
-    /// Computes the phones of `owned`, located in `loaded` if `located` is given (in
-    /// `owned` order), lands their flights and caches them.
+    /// Computes the phones this task owns (located in `loaded` already if `located` is
+    /// given, in `owned` order), caches them and hands every waiter its result. Runs on
+    /// the pool, or inline for a few records.
     fn compute_flights(&self, loaded: &Loaded, owned: Vec<(u64, Landing)>, located: Option<&Located<'_>>) {
         /// Removes the flights if the computation ends without landing them (a panic),
         /// so no later task joins a computation that will never finish.

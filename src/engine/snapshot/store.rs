@@ -19,8 +19,8 @@
 //! writer's entries reach it.
 
 use super::format::{
-    BASE_HEADER_LEN, Base, JOURNAL_HEADER_LEN, SnapshotError, decode_base, decode_base_header, decode_journal,
-    encode_base, encode_batch, encode_journal_header,
+    BASE_HEADER_LEN, Base, BaseHeader, JOURNAL_HEADER_LEN, SnapshotError, decode_base, decode_base_header,
+    decode_journal, encode_base, encode_batch, encode_journal_header,
 };
 use crate::data::DataIdentity;
 use crate::engine::cache::CachedPhone;
@@ -205,6 +205,11 @@ impl Store {
         Ok(())
     }
 
+    /// The header of the base on disk, if there is a readable one.
+    fn base_header(&self) -> Option<BaseHeader> {
+        read_prefix(&self.path, BASE_HEADER_LEN).ok().and_then(|b| decode_base_header(&b).ok())
+    }
+
     /// Whether the base and journal at the store's paths are still those of `current`.
     fn still_on_disk(&self, current: &Current) -> std::io::Result<bool> {
         let journal = match std::fs::metadata(journal_path(&self.path)) {
@@ -215,14 +220,12 @@ impl Store {
         if file_id(&journal) != current.journal_id {
             return Ok(false);
         }
-        let header = read_prefix(&self.path, BASE_HEADER_LEN).ok().and_then(|b| decode_base_header(&b).ok());
-        Ok(header.is_some_and(|h| h.generation == current.generation && h.identity == current.identity))
+        Ok(self.base_header().is_some_and(|h| h.generation == current.generation && h.identity == current.identity))
     }
 
     /// The files on disk if their base belongs to `identity`, else a new empty base.
     fn resume_or_start(&self, identity: DataIdentity, now_ms: u64) -> std::io::Result<Current> {
-        let header = read_prefix(&self.path, BASE_HEADER_LEN).ok().and_then(|b| decode_base_header(&b).ok());
-        match header {
+        match self.base_header() {
             Some(header) if header.identity == identity => {
                 let base_bytes = std::fs::metadata(&self.path)?.len();
                 let journal = journal_path(&self.path);
