@@ -5,8 +5,10 @@
 //! [`FuturesUnordered`]), not a runtime task of its own: a task mostly awaits the broker
 //! (its CPU work goes to the worker pool, or takes microseconds), and spawning one per
 //! message cost a sixth more CPU per message in scheduling, wake-ups between the
-//! runtime's threads and copies of the future (README, "Performance"). Tasks in flight
-//! are driven whatever the loop is doing: consuming, reconnecting or shutting down.
+//! runtime's threads and copies of the future (README, "Performance"). A task whose body
+//! is large (hundreds of phones or more) does run as a runtime task of its own, so its
+//! cache lookups and index reads cannot hold up the small tasks. Tasks in flight are
+//! driven whatever the loop is doing: consuming, reconnecting or shutting down.
 //!
 //! [`serve`] connects (to the nodes of `AMQP_URL` in turn, see `broker::Failover`;
 //! waiting with capped backoff only once every node has failed), hands each delivery to the
@@ -31,6 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error, info, warn};
 
 /// Reconnect delays: doubling from the first to the cap, with +-20 % jitter so a fleet of
@@ -92,6 +95,10 @@ struct SessionState {
 
 /// The tasks in flight: one future per delivery, across sessions.
 type Tasks = FuturesUnordered<BoxFuture<'static, ()>>;
+
+/// Deliveries with a larger body (about 300 phones and up) run as a runtime task of their
+/// own, beside the consume loop, rather than in it.
+const OWN_TASK_BODY_BYTES: usize = 4 * 1024;
 
 /// Consumes tasks until `shutdown`: connects (retrying with backoff), runs each
 /// delivery as its own task, reconnects when the session is lost or broken, moves
@@ -307,7 +314,15 @@ async fn run_session(
             next = session.consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let (pipeline, publisher, state) = (Arc::clone(pipeline), session.publisher.clone(), Arc::clone(state));
-                    tasks.push(run_task(pipeline, publisher, state, delivery).boxed());
+                    let large = delivery.data.len() > OWN_TASK_BODY_BYTES;
+                    let task = run_task(pipeline, publisher, state, delivery);
+                    if large {
+                        // Aborted if dropped (abandoned at the shutdown deadline), as the loop's own are.
+                        let own = AbortOnDropHandle::new(tokio::spawn(task));
+                        tasks.push(async move { own.await.unwrap_or_default() }.boxed());
+                    } else {
+                        tasks.push(task.boxed());
+                    }
                 }
                 Some(Err(error)) => {
                     return match error.kind() {

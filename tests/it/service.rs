@@ -81,6 +81,38 @@ async fn random_tasks_get_reports_equal_to_the_reference() {
     service.stop().await.unwrap();
 }
 
+/// Large tasks (bodies of thousands of phones, each run as a task of its own) and small
+/// ones (driven by the consume loop) at once: every report is the reference's.
+#[tokio::test]
+async fn large_and_small_tasks_at_once_get_reports_equal_to_the_reference() {
+    let names = Names::unique("largesmall");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 40, 150);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    let mut tasks = std::collections::HashMap::new();
+    for id in 0..40u64 {
+        let phones: Vec<u64> = if id % 4 == 0 {
+            // About 14 KB: known phones among thousands of unknown ones.
+            (0..2_000).map(|k| (k * 7 + id) % 3_000).collect()
+        } else {
+            (0..8).map(|k| (id * 3 + k) % 45).collect()
+        };
+        let body = task(json!(id), &phones);
+        assert_eq!(body.len() > 4 * 1024, id % 4 == 0);
+        client.send(&body).await;
+        tasks.insert(id, phones);
+    }
+    collect(&mut reports, tasks.len(), |report| {
+        let id = report["correlation_id"].as_u64().unwrap();
+        amqp::agrees(&report["data"], &expected_data(&records, &tasks[&id]), format_args!("task {id}"))
+    })
+    .await
+    .assert_all_right(tasks.len() as u64);
+    service.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn reply_to_string_ids_property_ids_duplicates_and_unknown_phones() {
     let names = Names::unique("variants");
