@@ -123,16 +123,31 @@ async fn connect(urls: &[String], start: usize) -> (usize, Connection, lapin::Ch
     let mut node = start;
     loop {
         let url = &urls[node % urls.len()];
-        if let Ok(connection) = Connection::connect(url, ConnectionProperties::default()).await
-            && let Ok(channel) = connection.create_channel().await
-            && channel.confirm_select(ConfirmSelectOptions::default()).await.is_ok()
-        {
+        // Each step bounded: a node that is going down can leave a handshake unanswered.
+        let opened = tokio::time::timeout(BROKER_STEP, async {
+            let connection = Connection::connect(url, ConnectionProperties::default()).await.ok()?;
+            let channel = connection.create_channel().await.ok()?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await.ok()?;
+            Some((connection, channel))
+        })
+        .await;
+        if let Ok(Some((connection, channel))) = opened {
             return (node % urls.len(), connection, channel);
         }
         assert!(Instant::now() < deadline, "no node of the cluster answers");
         node += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The longest the test's own clients wait for one broker operation before they give up
+/// on the connection and open another (a connection whose node went away can leave a
+/// confirm or a close unanswered for ever).
+const BROKER_STEP: Duration = Duration::from_secs(10);
+
+/// Closes `connection`, waiting at most [`BROKER_STEP`].
+async fn close(connection: &Connection, why: &str) {
+    let _ = tokio::time::timeout(BROKER_STEP, connection.close(200, why.into())).await;
 }
 
 /// What the steady load saw.
@@ -155,28 +170,31 @@ async fn publish_steadily(urls: Vec<String>, queue: String, total: u64, ledger: 
         tokio::time::sleep_until(began + every * id as u32).await;
         let body = task(id, &phones_of(id));
         let properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
-        let confirmed = match channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                properties,
-            )
-            .await
-        {
-            Ok(confirm) => matches!(confirm.await, Ok(lapin::Confirmation::Ack(_))),
-            Err(_) => false,
+        let publish = async {
+            match channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    properties,
+                )
+                .await
+            {
+                Ok(confirm) => matches!(confirm.await, Ok(lapin::Confirmation::Ack(_))),
+                Err(_) => false,
+            }
         };
+        let confirmed = tokio::time::timeout(BROKER_STEP, publish).await.unwrap_or(false);
         if confirmed {
             ledger.lock().sent.entry(id).or_insert_with(Instant::now);
             id += 1;
         } else {
-            let _ = connection.close(200, "reconnecting".into()).await;
+            close(&connection, "reconnecting").await;
             (node, connection, channel) = connect(&urls, node + 1).await;
         }
     }
-    let _ = connection.close(200, "done".into()).await;
+    close(&connection, "done").await;
 }
 
 /// The phones task `id` asks for: three of the data's ten, varying with the id.
@@ -198,17 +216,16 @@ async fn consume_reports(
     while !stop.load(Ordering::SeqCst) {
         let (at, connection, channel) = connect(&urls, node).await;
         node = at;
-        let mut consumer = match channel
-            .basic_consume(
-                queue.as_str().into(),
-                "cluster-test".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-        {
-            Ok(consumer) => consumer,
-            Err(_) => {
+        let consume = channel.basic_consume(
+            queue.as_str().into(),
+            "cluster-test".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
+        let mut consumer = match tokio::time::timeout(BROKER_STEP, consume).await {
+            Ok(Ok(consumer)) => consumer,
+            _ => {
+                close(&connection, "reconnecting").await;
                 node += 1;
                 continue;
             }
@@ -235,7 +252,7 @@ async fn consume_reports(
                             }
                         }
                     }
-                    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                    let _ = tokio::time::timeout(BROKER_STEP, delivery.acker.ack(BasicAckOptions::default())).await;
                 }
                 Ok(_) => {
                     node += 1;
@@ -243,7 +260,7 @@ async fn consume_reports(
                 }
             }
         }
-        let _ = connection.close(200, "done".into()).await;
+        close(&connection, "done").await;
     }
 }
 
