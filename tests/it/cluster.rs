@@ -295,7 +295,7 @@ async fn steady_load_through(restarts: usize, down: Duration) {
     channel.queue_declare(reports.as_str().into(), durable, quorum).await.expect("declare the report queue");
     // The starting service's clients declare the task queue plain: that must keep
     // working against the service's quorum task queue.
-    let _ = connection.close(200, "declared".into()).await;
+    close(&connection, "declared").await;
 
     // TEST_CLUSTER_ONE_URL=1: the service is given only the first node's URL, as before
     // address lists, for the README's comparison (it then waits for that node).
@@ -331,7 +331,7 @@ async fn steady_load_through(restarts: usize, down: Duration) {
         .queue_declare(tasks.as_str().into(), durable, FieldTable::default())
         .await
         .expect("a plain durable declaration of the quorum task queue is accepted");
-    let _ = connection.close(200, "declared".into()).await;
+    close(&connection, "declared").await;
 
     let total = RATE * (12 + restarts as u64 * (down.as_secs() + 8));
     let ledger = Arc::new(Mutex::new(Ledger::default()));
