@@ -6,9 +6,10 @@
 //! (its CPU work goes to the worker pool, or takes microseconds), and spawning one per
 //! message cost a sixth more CPU per message in scheduling, wake-ups between the
 //! runtime's threads and copies of the future (README, "Performance"). A task whose body
-//! is large (hundreds of phones or more) does run as a runtime task of its own, so its
-//! cache lookups and index reads cannot hold up the small tasks. Tasks in flight are
-//! driven whatever the loop is doing: consuming, reconnecting or shutting down.
+//! is heavy (hundreds of phones or more, see `pipeline::Weight`) does run as a runtime
+//! task of its own, so its cache lookups and index reads cannot hold up the light tasks.
+//! Tasks in flight are driven whatever the loop is doing: consuming, reconnecting or
+//! shutting down.
 //!
 //! [`serve`] connects (to the nodes of `AMQP_URL` in turn, see `broker::Failover`;
 //! waiting with capped backoff only once every node has failed), hands each delivery to the
@@ -18,7 +19,7 @@
 //! shutdown stops consuming, requeues what was prefetched but not started, lets tasks in
 //! flight finish and closes the connection, all within the shutdown deadline.
 
-use super::pipeline::Pipeline;
+use super::pipeline::{Pipeline, Weight};
 use super::sweeper::Sweeper;
 use crate::broker::{self, Failover, Session};
 use crate::ops::health::Health;
@@ -95,10 +96,6 @@ struct SessionState {
 
 /// The tasks in flight: one future per delivery, across sessions.
 type Tasks = FuturesUnordered<BoxFuture<'static, ()>>;
-
-/// Deliveries with a larger body (about 300 phones and up) run as a runtime task of their
-/// own, beside the consume loop, rather than in it.
-const OWN_TASK_BODY_BYTES: usize = 4 * 1024;
 
 /// Consumes tasks until `shutdown`: connects (retrying with backoff), runs each
 /// delivery as its own task, reconnects when the session is lost or broken, moves
@@ -314,9 +311,9 @@ async fn run_session(
             next = session.consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let (pipeline, publisher, state) = (Arc::clone(pipeline), session.publisher.clone(), Arc::clone(state));
-                    let large = delivery.data.len() > OWN_TASK_BODY_BYTES;
+                    let weight = Weight::of(delivery.data.len(), pipeline.limits);
                     let task = run_task(pipeline, publisher, state, delivery);
-                    if large {
+                    if weight != Weight::Light {
                         // Aborted if dropped (abandoned at the shutdown deadline), as the loop's own are.
                         let own = AbortOnDropHandle::new(tokio::spawn(task));
                         tasks.push(async move { own.await.unwrap_or_default() }.boxed());

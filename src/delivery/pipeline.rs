@@ -22,10 +22,39 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tracing::{Instrument, debug, error, info, warn};
 
+/// Bodies above this size (about 300 phones and up) are heavy: their task runs beside the
+/// consume loop, as a runtime task of its own.
+const HEAVY_BODY_BYTES: usize = 4 * 1024;
 /// Bodies above this size are parsed on the pool rather than the async runtime.
-const OFFLOAD_BODY_BYTES: usize = 64 * 1024;
+const BULKY_BODY_BYTES: usize = 64 * 1024;
 /// Reports with more phones than this are built and serialised on the pool.
 const OFFLOAD_PHONES: usize = 256;
+
+/// How much work a delivery's body makes, and so where it runs (the body's size is all
+/// that is known before it is parsed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weight {
+    /// A few phones, or a body over `MAX_TASK_BYTES` (dead-lettered unread): the task runs
+    /// in the consume loop and parses in place.
+    Light,
+    /// Hundreds of phones: a runtime task of its own, so that its cache lookups and index
+    /// reads cannot hold up the light tasks, parsed in place.
+    Heavy,
+    /// Thousands: a task of its own, parsed on the worker pool.
+    Bulky,
+}
+
+impl Weight {
+    /// The weight of a body of `bytes`.
+    pub fn of(bytes: usize, limits: Limits) -> Weight {
+        match bytes {
+            _ if bytes > limits.max_task_bytes => Weight::Light,
+            _ if bytes > BULKY_BODY_BYTES => Weight::Bulky,
+            _ if bytes > HEAVY_BODY_BYTES => Weight::Heavy,
+            _ => Weight::Light,
+        }
+    }
+}
 
 /// How a task was answered. Every variant means the broker confirmed the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -289,11 +318,11 @@ impl Pipeline {
         }
     }
 
-    /// Parses the body (large ones on the pool).
+    /// Parses the body (bulky ones on the pool).
     async fn parse(&self, delivery: &Delivery) -> Result<Result<Task, Rejection>, Abandoned> {
         let property_id = delivery.properties.correlation_id().as_ref().map(|id| id.as_str());
         let limits = self.limits;
-        if delivery.data.len() <= OFFLOAD_BODY_BYTES {
+        if Weight::of(delivery.data.len(), limits) != Weight::Bulky {
             return Ok(parse_task(&delivery.data, property_id, limits));
         }
         let (body, property_id) = (delivery.data.clone(), property_id.map(str::to_owned));
@@ -461,6 +490,27 @@ fn warn_unroutable(routed: Routed, delivery: &Delivery) {
 mod tests {
     use super::*;
     use crate::data::StaleData;
+
+    #[test]
+    fn a_body_is_heavy_from_4_kib_bulky_from_64_kib_and_light_again_over_the_limit() {
+        let limits = Limits { max_task_bytes: 1 << 20, max_phones: 100_000 };
+        let weights = [
+            (0, Weight::Light),
+            (4096, Weight::Light),
+            (4097, Weight::Heavy),
+            (65_536, Weight::Heavy),
+            (65_537, Weight::Bulky),
+            (1 << 20, Weight::Bulky),
+            ((1 << 20) + 1, Weight::Light),
+            (usize::MAX, Weight::Light),
+        ];
+        for (bytes, weight) in weights {
+            assert_eq!(Weight::of(bytes, limits), weight, "{bytes} bytes");
+        }
+        // A limit below the thresholds: everything over it is read by nobody.
+        let small = Limits { max_task_bytes: 1000, max_phones: 8 };
+        assert_eq!(Weight::of(5000, small), Weight::Light);
+    }
 
     #[test]
     fn confirmed_answers_are_acked_task_failures_retried_and_session_failures_requeued() {
