@@ -94,8 +94,78 @@ struct SessionState {
     answered: AtomicBool,
 }
 
-/// The tasks in flight: one future per delivery, across sessions.
-type Tasks = FuturesUnordered<BoxFuture<'static, ()>>;
+/// The tasks in flight: one future per delivery, across sessions, driven by the consume
+/// loop whatever else it awaits.
+#[derive(Default)]
+struct Tasks(FuturesUnordered<BoxFuture<'static, ()>>);
+
+impl Tasks {
+    /// Adds a delivery's task: a future of the loop's own, or for a heavy body a runtime
+    /// task of its own (aborted if dropped, as at the shutdown deadline the loop's own are).
+    fn add(&mut self, task: impl Future<Output = ()> + Send + 'static, weight: Weight) {
+        if weight == Weight::Light {
+            self.0.push(task.boxed());
+        } else {
+            let own = AbortOnDropHandle::new(tokio::spawn(task));
+            self.0.push(async move { own.await.unwrap_or_default() }.boxed());
+        }
+    }
+
+    /// Drives the tasks until one ends; never resolves while there are none (for a
+    /// `select!` branch).
+    async fn one_ended(&mut self) {
+        match self.0.next().await {
+            Some(()) => {}
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Runs `work` to its end while driving the tasks.
+    async fn alongside<F: Future>(&mut self, work: F) -> F::Output {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                () = self.one_ended() => {}
+            }
+        }
+    }
+
+    /// Waits `delay`, or less if shutdown is requested, driving the tasks; true when the
+    /// wait was complete.
+    async fn pause(&mut self, shutdown: &Shutdown, delay: Duration) -> bool {
+        self.alongside(async {
+            tokio::select! {
+                _ = shutdown.cancelled() => false,
+                _ = tokio::time::sleep(delay) => true,
+            }
+        })
+        .await
+    }
+
+    /// Closes the session's connection, driving the tasks.
+    async fn close(&mut self, session: &Session, shutdown: &Shutdown) {
+        self.alongside(close_session(session, shutdown)).await;
+    }
+
+    /// Lets the tasks finish until `deadline`, then abandons the rest (the broker
+    /// requeues their deliveries when the connection closes).
+    async fn drain(&mut self, deadline: Instant) {
+        let in_flight = self.0.len();
+        let drained = tokio::time::timeout_at(deadline.into(), async { while self.0.next().await.is_some() {} }).await;
+        match drained {
+            Ok(()) => info!(in_flight, "in-flight tasks finished"),
+            Err(_) => {
+                warn!(
+                    left = self.0.len(),
+                    "shutdown deadline: abandoning tasks still running; the broker requeues them"
+                );
+                self.0.clear();
+            }
+        }
+    }
+}
 
 /// Consumes tasks until `shutdown`: connects (retrying with backoff), runs each
 /// delivery as its own task, reconnects when the session is lost or broken, moves
@@ -105,7 +175,7 @@ type Tasks = FuturesUnordered<BoxFuture<'static, ()>>;
 pub async fn serve(pipeline: Arc<Pipeline>, health: Arc<Health>, sweeper: Sweeper, shutdown: Arc<Shutdown>) {
     let topology = pipeline.topology.clone();
     let metrics = Arc::clone(&pipeline.metrics);
-    let mut tasks = Tasks::new();
+    let mut tasks = Tasks::default();
     let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
     let mut poison_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut failover = Failover::new(&topology.addresses, Failover::seed_of(&pipeline.instance));
@@ -113,7 +183,7 @@ pub async fn serve(pipeline: Arc<Pipeline>, health: Arc<Health>, sweeper: Sweepe
     let mut sessions = 0u64;
     loop {
         if sweep_pending {
-            match alongside(&mut tasks, sweeper.sweep(failover.current(), &shutdown)).await {
+            match tasks.alongside(sweeper.sweep(failover.current(), &shutdown)).await {
                 Ok(moved) if moved > 0 => {
                     sweep_pending = false;
                     poison_backoff.reset();
@@ -132,13 +202,14 @@ pub async fn serve(pipeline: Arc<Pipeline>, health: Arc<Health>, sweeper: Sweepe
             }
         }
         let spec = topology.session(failover.current());
-        let opened = alongside(&mut tasks, async {
-            tokio::select! {
-                _ = shutdown.cancelled() => None,
-                opened = Session::open(&spec) => Some(opened),
-            }
-        })
-        .await;
+        let opened = tasks
+            .alongside(async {
+                tokio::select! {
+                    _ = shutdown.cancelled() => None,
+                    opened = Session::open(&spec) => Some(opened),
+                }
+            })
+            .await;
         let mut session = match opened {
             None => break,
             Some(Ok(session)) => session,
@@ -153,7 +224,7 @@ pub async fn serve(pipeline: Arc<Pipeline>, health: Arc<Health>, sweeper: Sweepe
                     next = %topology.addresses.urls()[failover.current()],
                     "cannot reach the broker"
                 );
-                if alongside(&mut tasks, pause(&shutdown, delay)).await {
+                if tasks.pause(&shutdown, delay).await {
                     continue;
                 }
                 break;
@@ -191,7 +262,7 @@ pub async fn serve(pipeline: Arc<Pipeline>, health: Arc<Health>, sweeper: Sweepe
                     health.set_undecodable(false);
                     metrics.consumer_stuck.set(0);
                 }
-                alongside(&mut tasks, close_session(&session, &shutdown)).await;
+                tasks.close(&session, &shutdown).await;
                 let delay = if healthy {
                     // It served well until now: the node is likely restarting. Try the
                     // next one at once; with a single node, wait the first backoff step.
@@ -203,7 +274,7 @@ pub async fn serve(pipeline: Arc<Pipeline>, health: Arc<Health>, sweeper: Sweepe
                 } else {
                     Duration::ZERO
                 };
-                if alongside(&mut tasks, pause(&shutdown, delay)).await {
+                if tasks.pause(&shutdown, delay).await {
                     continue;
                 }
                 break;
@@ -224,27 +295,15 @@ pub async fn serve(pipeline: Arc<Pipeline>, health: Arc<Health>, sweeper: Sweepe
                 health.set_undecodable(true);
                 sweep_pending = true;
                 let delay = poison_backoff.delay();
-                alongside(&mut tasks, close_session(&session, &shutdown)).await;
-                if alongside(&mut tasks, pause(&shutdown, delay)).await {
+                tasks.close(&session, &shutdown).await;
+                if tasks.pause(&shutdown, delay).await {
                     continue;
                 }
                 break;
             }
         }
     }
-    drain_tasks(&mut tasks, shutdown.drain_deadline()).await;
-}
-
-/// Runs `work` to its end while driving the tasks in flight.
-async fn alongside<F: Future>(tasks: &mut Tasks, work: F) -> F::Output {
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            biased;
-            out = &mut work => return out,
-            Some(()) = tasks.next(), if !tasks.is_empty() => {}
-        }
-    }
+    tasks.drain(shutdown.drain_deadline()).await;
 }
 
 /// One delivery's task: the pipeline, then what it tells the session. A panic is
@@ -264,14 +323,6 @@ async fn run_task(
         Err(_) => error!(
             "a task panicked outside its pipeline; its delivery is requeued by the broker when the channel closes"
         ),
-    }
-}
-
-/// Waits `delay`, or less if shutdown is requested; true when the wait was complete.
-async fn pause(shutdown: &Shutdown, delay: Duration) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
     }
 }
 
@@ -307,19 +358,12 @@ async fn run_session(
                     pipeline.metrics.consumer_stuck.set(0);
                 }
             }
-            Some(()) = tasks.next(), if !tasks.is_empty() => {}
+            () = tasks.one_ended() => {}
             next = session.consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let (pipeline, publisher, state) = (Arc::clone(pipeline), session.publisher.clone(), Arc::clone(state));
                     let weight = Weight::of(delivery.data.len(), pipeline.limits);
-                    let task = run_task(pipeline, publisher, state, delivery);
-                    if weight != Weight::Light {
-                        // Aborted if dropped (abandoned at the shutdown deadline), as the loop's own are.
-                        let own = AbortOnDropHandle::new(tokio::spawn(task));
-                        tasks.push(async move { own.await.unwrap_or_default() }.boxed());
-                    } else {
-                        tasks.push(task.boxed());
-                    }
+                    tasks.add(run_task(pipeline, publisher, state, delivery), weight);
                 }
                 Some(Err(error)) => {
                     return match error.kind() {
@@ -337,25 +381,26 @@ async fn run_session(
 /// consuming, requeue deliveries prefetched but not started, let tasks in flight finish
 /// until the drain deadline, close the connection.
 async fn stop(session: &mut Session, tasks: &mut Tasks, shutdown: &Shutdown) {
-    let requeued = alongside(tasks, async {
-        if let Err(error) = session.stop_consuming(shutdown.left_until(shutdown.drain_deadline())).await {
-            warn!(%error, "cannot cancel the consumer; closing the connection requeues what is unhandled");
-        }
-        let mut requeued = 0u64;
-        while let Ok(Some(Ok(delivery))) =
-            tokio::time::timeout(Duration::from_millis(50), session.consumer.next()).await
-        {
-            if broker::requeue_within(&delivery, shutdown.left_until(shutdown.drain_deadline())).await.is_ok() {
-                requeued += 1;
+    let requeued = tasks
+        .alongside(async {
+            if let Err(error) = session.stop_consuming(shutdown.left_until(shutdown.drain_deadline())).await {
+                warn!(%error, "cannot cancel the consumer; closing the connection requeues what is unhandled");
             }
-        }
-        requeued
-    })
-    .await;
+            let mut requeued = 0u64;
+            while let Ok(Some(Ok(delivery))) =
+                tokio::time::timeout(Duration::from_millis(50), session.consumer.next()).await
+            {
+                if broker::requeue_within(&delivery, shutdown.left_until(shutdown.drain_deadline())).await.is_ok() {
+                    requeued += 1;
+                }
+            }
+            requeued
+        })
+        .await;
     if requeued > 0 {
         info!(requeued, "requeued tasks that were prefetched but not started");
     }
-    drain_tasks(tasks, shutdown.drain_deadline()).await;
+    tasks.drain(shutdown.drain_deadline()).await;
     close_session(session, shutdown).await;
 }
 
@@ -364,18 +409,6 @@ async fn close_session(session: &Session, shutdown: &Shutdown) {
         if shutdown.is_cancelled() { shutdown.left_until(shutdown.close_deadline()) } else { broker::BROKER_TIMEOUT };
     if let Err(error) = session.close(within).await {
         debug!(%error, "closing the broker connection");
-    }
-}
-
-async fn drain_tasks(tasks: &mut Tasks, deadline: Instant) {
-    let in_flight = tasks.len();
-    let drained = tokio::time::timeout_at(deadline.into(), async { while tasks.next().await.is_some() {} }).await;
-    match drained {
-        Ok(()) => info!(in_flight, "in-flight tasks finished"),
-        Err(_) => {
-            warn!(left = tasks.len(), "shutdown deadline: abandoning tasks still running; the broker requeues them");
-            tasks.clear();
-        }
     }
 }
 
@@ -388,17 +421,26 @@ mod tests {
     /// task is driven.
     #[tokio::test]
     async fn tasks_in_flight_are_driven_while_the_loop_awaits_other_work() {
-        let mut tasks = Tasks::new();
+        let mut tasks = Tasks::default();
         let (send, receive) = tokio::sync::oneshot::channel();
-        tasks.push(
-            async move {
-                tokio::task::yield_now().await;
-                send.send(7).unwrap();
-            }
-            .boxed(),
-        );
-        let got = tokio::time::timeout(Duration::from_secs(10), alongside(&mut tasks, receive)).await;
+        let task = async move {
+            tokio::task::yield_now().await;
+            send.send(7).unwrap();
+        };
+        tasks.add(task, Weight::Light);
+        let got = tokio::time::timeout(Duration::from_secs(10), tasks.alongside(receive)).await;
         assert_eq!(got.expect("the task was not driven").unwrap(), 7);
+    }
+
+    /// With nothing in flight the loop must wait for its other branches, not spin on an
+    /// empty set that is always ready.
+    #[tokio::test]
+    async fn no_task_ends_while_there_are_none() {
+        let mut tasks = Tasks::default();
+        assert!(tasks.one_ended().now_or_never().is_none());
+        tasks.add(async {}, Weight::Light);
+        assert!(tasks.one_ended().now_or_never().is_some());
+        assert!(tasks.one_ended().now_or_never().is_none());
     }
 
     #[test]
