@@ -26,7 +26,7 @@ pub struct Setting {
 
 /// Every setting, in README order. Defaults are stated here and nowhere else in code;
 /// each number's accepted range is in [`Config::from_vars`] and the README.
-pub const SETTINGS: [Setting; 26] = [
+pub const SETTINGS: [Setting; 27] = [
     Setting {
         variable: "AMQP_URL",
         default: Some("amqp://guest:guest@127.0.0.1:5672/%2f"),
@@ -102,6 +102,11 @@ pub const SETTINGS: [Setting; 26] = [
         help: "wait after a failed attempt; doubles each time",
     },
     Setting { variable: "WORKER_THREADS", default: None, help: "rayon pool size (default: number of cores)" },
+    Setting {
+        variable: "ASYNC_THREADS",
+        default: Some("1"),
+        help: "threads of the async runtime, which awaits the broker (the CPU work runs on WORKER_THREADS)",
+    },
     Setting { variable: "HTTP_ADDR", default: Some("127.0.0.1:9090"), help: "address of /health and /metrics" },
     Setting { variable: "SHUTDOWN_TIMEOUT_SECS", default: Some("30"), help: "drain limit on SIGTERM/SIGINT" },
     Setting { variable: "RUST_LOG", default: Some("info"), help: "log filter (tracing EnvFilter syntax)" },
@@ -163,6 +168,8 @@ pub struct Config {
     pub retry_delay: Duration,
     /// `WORKER_THREADS`.
     pub worker_threads: NonZeroUsize,
+    /// `ASYNC_THREADS`.
+    pub async_threads: NonZeroUsize,
     /// `HTTP_ADDR`.
     pub http_addr: SocketAddr,
     /// `SHUTDOWN_TIMEOUT_SECS`.
@@ -217,6 +224,7 @@ impl Config {
                 Some(_) => get("WORKER_THREADS").positive(1, 1024, usize_non_zero)?,
                 None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
             },
+            async_threads: get("ASYNC_THREADS").positive(1, 1024, usize_non_zero)?,
             http_addr: get("HTTP_ADDR").parse("a socket address such as 127.0.0.1:9090")?,
             shutdown_timeout: Duration::from_secs(get("SHUTDOWN_TIMEOUT_SECS").number(1, 3_600)?),
             log_filter: get("RUST_LOG").text()?,
@@ -404,6 +412,7 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert_eq!((c.max_attempts.get(), c.retry_delay), (5, Duration::from_secs(1)));
         assert_eq!(c.worker_threads, std::thread::available_parallelism().unwrap());
+        assert_eq!(c.async_threads.get(), 1);
     }
 
     #[test]
@@ -579,6 +588,7 @@ mod tests {
             ("MAX_ATTEMPTS", "0", "101"),
             ("RETRY_DELAY_MS", "9", "300001"),
             ("WORKER_THREADS", "0", "1025"),
+            ("ASYNC_THREADS", "0", "1025"),
             ("SHUTDOWN_TIMEOUT_SECS", "0", "3601"),
         ] {
             for value in [low, high] {
