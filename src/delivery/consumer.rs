@@ -7,7 +7,8 @@
 //! message cost a sixth more CPU per message in scheduling, wake-ups between the
 //! runtime's threads and copies of the future (README, "Performance"). A task whose body
 //! is heavy (hundreds of phones or more, see `pipeline::Weight`) does run as a runtime
-//! task of its own, so its cache lookups and index reads cannot hold up the light tasks.
+//! task of its own, which parses beside the loop when the runtime has more than one
+//! thread (its lookups go to the pool in any case).
 //! Tasks in flight are driven whatever the loop is doing: consuming, reconnecting or
 //! shutting down.
 //!

@@ -37,8 +37,9 @@ pub enum Weight {
     /// A few phones, or a body over `MAX_TASK_BYTES` (dead-lettered unread): the task runs
     /// in the consume loop and parses in place.
     Light,
-    /// Hundreds of phones: a runtime task of its own, so that its cache lookups and index
-    /// reads cannot hold up the light tasks, parsed in place.
+    /// Hundreds of phones: a runtime task of its own, parsed in place (beside the consume
+    /// loop when the runtime has more than one thread; its cache lookups and index reads
+    /// go to the pool whatever it has, see `engine::lookup::POOL_LOOKUP_PHONES`).
     Heavy,
     /// Thousands: a task of its own, parsed on the worker pool.
     Bulky,

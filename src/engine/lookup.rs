@@ -2,9 +2,10 @@
 //! the worker pool, with concurrent misses of one phone computed once.
 //!
 //! It owns the data version being served (a set of segments, swapped whole when it
-//! changes), the cache and the in-flight computations. It never blocks the async runtime: cache lookups take a short
-//! lock, and every computation but the smallest (see `compute::INLINE_BYTES`) runs on the
-//! pool and is awaited through a channel.
+//! changes), the cache and the in-flight computations. It never blocks the async runtime
+//! for long: a task's cache lookups take a short lock (a task of hundreds of phones is
+//! looked up on the pool), and every computation but the smallest (see
+//! `compute::INLINE_BYTES`) runs on the pool and is awaited through a channel.
 
 use crate::data::stats::CallStats;
 use crate::data::{DataIdentity, IndexFiles, Located, Segment, Segments, StaleData};
@@ -254,8 +255,26 @@ impl Engine {
     }
 
     /// The answer (statistics and report entry) for each of `phones` (distinct), all
-    /// from one data version.
+    /// from one data version. A task of more than [`POOL_LOOKUP_PHONES`] is looked up on
+    /// the pool, so that its cache lookups and index reads do not hold the async thread.
     pub async fn stats(&self, phones: &[u64]) -> Result<Vec<Answer>, EngineError> {
+        let Lookup { mut result, waits } = if phones.len() > POOL_LOOKUP_PHONES {
+            let (engine, phones) = (self.clone(), phones.to_vec());
+            self.inner.pool.run(move || engine.look_up(&phones)).await?
+        } else {
+            self.look_up(phones)
+        };
+        for (i, flight) in waits {
+            result[i] = Some(flight.landed().await.ok_or(Abandoned)??);
+        }
+        result.into_iter().map(|answer| answer.ok_or(EngineError::Abandoned(Abandoned))).collect()
+    }
+
+    /// What can be known of `phones` without waiting: the cached answers, the phones
+    /// without records, and a flight for each of the rest, joined or started here (the
+    /// phones this task computes are computed inline when they are few records, else
+    /// on the pool). Never blocks on another task.
+    fn look_up(&self, phones: &[u64]) -> Lookup {
         let loaded = self.current();
         let epoch = loaded.epoch;
         let now = self.inner.clock.now_ms();
@@ -331,10 +350,7 @@ impl Engine {
                 self.inner.pool.spawn(move || inner.compute_flights(&loaded, owned, None));
             }
         }
-        for (i, flight) in waits {
-            result[i] = Some(flight.landed().await.ok_or(Abandoned)??);
-        }
-        result.into_iter().map(|answer| answer.ok_or(EngineError::Abandoned(Abandoned))).collect()
+        Lookup { result, waits }
     }
 
     /// Puts back snapshot entries computed from the data being served; returns how many
@@ -434,6 +450,18 @@ impl Inner {
             (self.cache_changed)();
         }
     }
+}
+
+/// A task of more phones than this is looked up on the pool (see [`Engine::stats`]): its
+/// lookups take a millisecond or more (10,000 phones that all miss on a phone book:
+/// several milliseconds), the async thread's time for hundreds of small tasks.
+pub const POOL_LOOKUP_PHONES: usize = 256;
+
+/// What [`Engine::look_up`] found: an answer per phone already known, and the flights
+/// (with the phone's position) still to wait for.
+struct Lookup {
+    result: Vec<Option<Answer>>,
+    waits: Vec<(usize, Waiting)>,
 }
 
 /// What [`Engine::join`] did.
@@ -547,6 +575,28 @@ mod tests {
         assert_eq!(metrics.phones_with(Source::Computed), 2);
         assert_eq!(metrics.phones_with(Source::Shared), 98);
         assert_eq!(metrics.phones_with(Source::NoRecords), 50, "phone 99 has no records: never computed");
+    }
+
+    /// A task of more than `POOL_LOOKUP_PHONES` phones is looked up on the pool (here held,
+    /// so it waits), while a small one is looked up at once on the caller's thread; both
+    /// answer what the computation gives.
+    #[tokio::test]
+    async fn a_large_task_is_looked_up_on_the_pool_and_answers_as_a_small_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, release) = held_pool();
+        let (engine, metrics) = engine(Duration::from_secs(60), pool, dir.path());
+        // Phones 0-4 have 1,000 records each; the rest none.
+        let large: Vec<u64> = (0..=POOL_LOOKUP_PHONES as u64).collect();
+        let mut big = std::pin::pin!(engine.stats(&large));
+        assert!((&mut big).now_or_never().is_none());
+        assert_eq!(metrics.phones_with(Source::NoRecords), 0, "not looked up on this thread");
+        let small = engine.stats(&[900, 901]).now_or_never().expect("looked up here, nothing to wait for").unwrap();
+        assert_eq!(small.iter().map(|a| a.stats).collect::<Vec<_>>(), [CallStats::EMPTY; 2]);
+        release.send(()).unwrap();
+        let answers: Vec<CallStats> = big.await.unwrap().into_iter().map(|a| a.stats).collect();
+        assert_eq!(answers, compute::compute(&engine.current().data, &large, engine.pool()).unwrap());
+        assert_eq!(answers.iter().filter(|s| s.records == 1_000).count(), 5);
+        assert_eq!(metrics.phones_with(Source::Computed), 5);
     }
 
     #[tokio::test]
