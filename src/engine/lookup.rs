@@ -19,7 +19,7 @@ use crate::platform::pool::{Abandoned, WorkerPool};
 use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// One version of the data being served. The epoch tells cache entries and in-flight
@@ -184,21 +184,22 @@ impl Engine {
     /// Serves the data through the stored index files of the segments whose indexes were
     /// built here (see [`Segments::with_stored_indexes`]), keeping the epoch and the
     /// cache: the same files, so nothing a task sees changes; the heap copies are freed
-    /// when the last task using them ends. Returns whether it swapped: not when no such
-    /// file holds this version, nor when the data changed meanwhile (a reload won the
-    /// race; its own indexes are stored and swapped after it).
-    pub fn use_stored_indexes(&self, files: &IndexFiles) -> bool {
+    /// when the last task using them ends. Returns the version it replaced, weakly (it
+    /// is gone once that last task ends), or `None` when it did not swap: no such file
+    /// holds this version, or the data changed meanwhile (a reload won the race; its own
+    /// indexes are stored and swapped after it).
+    pub fn use_stored_indexes(&self, files: &IndexFiles) -> Option<Weak<Loaded>> {
         let old = self.current();
-        let Some(data) = old.data.with_stored_indexes(files) else { return false };
+        let data = old.data.with_stored_indexes(files)?;
         debug_assert_eq!(data.identity(), old.data.identity());
         let next = Arc::new(Loaded { data, epoch: old.epoch });
         let record = Arc::clone(&next);
         let previous = self.inner.data.compare_and_swap(&old, next);
         if !Arc::ptr_eq(&*previous, &old) {
-            return false;
+            return None;
         }
         record_data_metrics(&self.inner.metrics, &record.data, self.inner.cache_bytes);
-        true
+        Some(Arc::downgrade(&old))
     }
 
     /// Serves the current segments without those named in `removed` and with `added`
@@ -637,13 +638,17 @@ mod tests {
         let pool = WorkerPool::new("test", 2).unwrap();
         let (engine, metrics) = engine(Duration::from_secs(60), pool.clone(), dir.path());
         let files = IndexFiles::new(dir.path().join("indexes"));
-        assert!(!engine.use_stored_indexes(&files), "no index file yet");
+        assert!(engine.use_stored_indexes(&files).is_none(), "no index file yet");
         let first = engine.stats(&[1, 2]).await.unwrap();
         assert!(engine.current().data.summary().heap_bytes > 0, "built here");
         engine.current().data.persist(&files);
         let bound = metrics.memory_bound_bytes.get();
 
-        assert!(engine.use_stored_indexes(&files));
+        let in_use = engine.current();
+        let replaced = engine.use_stored_indexes(&files).expect("swapped");
+        assert!(Arc::ptr_eq(&replaced.upgrade().unwrap(), &in_use), "it hands back the version it replaced");
+        drop(in_use);
+        assert_eq!(replaced.strong_count(), 0, "freed once the last task using it is done");
         let now = engine.current();
         assert_eq!((now.epoch, now.data.summary().heap_bytes), (1, 0), "the same version, read in place");
         assert!(metrics.memory_bound_bytes.get() < bound, "the bound no longer counts the built index");
@@ -653,7 +658,7 @@ mod tests {
         assert_eq!(metrics.phones_with(Source::Cache), 2, "the cache was kept");
         assert_eq!(again[2].stats, compute::compute(&now.data, &[3], &pool).unwrap()[0]);
         assert_eq!(again[2].stats.records, 1_000);
-        assert!(!engine.use_stored_indexes(&files), "nothing left to swap");
+        assert!(engine.use_stored_indexes(&files).is_none(), "nothing left to swap");
     }
 
     /// A snapshot's new base is the live entries of the data being served, with that

@@ -24,7 +24,7 @@ use crate::ops::metrics::{IndexEvent, Metrics};
 use crate::platform::pool::WorkerPool;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -84,11 +84,35 @@ pub fn persist_indexes(engine: &Engine, data: Segments, files: &IndexFiles, metr
     if written + failed + removed > 0 {
         info!(written, failed, removed, millis = started.elapsed().as_millis() as u64, dir = %files.dir().display(), "index files stored");
     }
-    if written > 0 && engine.use_stored_indexes(files) {
+    if written > 0
+        && let Some(replaced) = engine.use_stored_indexes(files)
+    {
         let index_heap_bytes = engine.current().data.summary().heap_bytes;
         info!(index_heap_bytes, "serving the stored index files; the indexes built in memory are freed");
-        crate::platform::heap::release_free_memory();
+        // The last task still using the built copies frees them, within milliseconds (a
+        // task of thousands of phones, longer); what the allocator gives back includes
+        // them only after that.
+        let freed = wait_until_gone(&replaced, BUILT_COPY_WAIT);
+        let started = Instant::now();
+        crate::platform::heap::release_free_memory(engine.pool());
+        info!(freed, millis = started.elapsed().as_millis() as u64, "free memory returned to the system");
     }
+}
+
+/// How long the reload thread waits for the last task using a replaced version to end
+/// before returning free memory anyway.
+const BUILT_COPY_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether what `weak` points at was dropped within `within`, looked at every 10 ms.
+fn wait_until_gone<T>(weak: &Weak<T>, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while weak.strong_count() > 0 {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
 }
 
 /// Counts and logs how `data`'s indexes came to be (read from their files, built, or
@@ -250,7 +274,9 @@ pub async fn watch_data(
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
             opened = pool.run(move || {
-                names.iter().map(|name| Segment::open_persisted(&open_path, name, &build_pool, &files)).collect::<Vec<_>>()
+                let opened = names.iter().map(|name| Segment::open_persisted(&open_path, name, &build_pool, &files)).collect::<Vec<_>>();
+                crate::platform::heap::release_free_memory(&build_pool);
+                opened
             }) => opened,
         };
         let Ok(opened) = opened else {
@@ -278,7 +304,6 @@ pub async fn watch_data(
         if added.is_empty() && removed.is_empty() {
             continue;
         }
-        crate::platform::heap::release_free_memory();
         let indexed_ms = started.elapsed().as_millis() as u64;
         // After the swap or join below, the new indexes are stored on the reload pool
         // (queued behind nothing: it is this watcher's own thread).
@@ -336,6 +361,17 @@ pub async fn watch_data(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replaced_version_is_waited_for_until_it_is_gone_and_no_longer() {
+        let gone = Arc::downgrade(&Arc::new(1));
+        assert!(wait_until_gone(&gone, Duration::ZERO), "already dropped");
+        let held = Arc::new(2);
+        let weak = Arc::downgrade(&held);
+        assert!(!wait_until_gone(&weak, Duration::from_millis(30)), "still held: the wait ends, unanswered");
+        drop(held);
+        assert!(wait_until_gone(&weak, Duration::ZERO));
+    }
 
     fn identity(len: u64) -> FileIdentity {
         FileIdentity { device: 1, inode: 2, len, modified_ns: len as i128 }

@@ -8,22 +8,42 @@
 //! 565 MB resident after startup where the index keeps 299 MB; trimming after the build
 //! returned it (293 MB).
 //!
-//! The binaries allocate with mimalloc (`src/bin/report-service.rs`), which this call does
-//! not reach: mimalloc returns free pages on its own, seconds after the build. Once the
-//! built index is stored, the service serves the stored file and frees the built copy
-//! (`Engine::use_stored_indexes`); mimalloc still keeps part of the build: on the same
-//! phone book a first start holds 258-321 MiB under load against 81-135 MiB after a
-//! restart (README, "Memory"). The call stays for glibc builds of the library (the tests,
-//! the benches, other binaries).
+//! The binaries allocate with mimalloc (`src/bin/report-service.rs`), which `malloc_trim`
+//! does not reach, and which keeps the pages a thread frees of another thread's until the
+//! owner collects. The build's pages belong to the pool threads that built it, idle under
+//! a load of light tasks: a first start on the phone book held 212-321 MiB under load,
+//! where a restart held 81-135 MiB, and 511 MiB idle once it served the stored index,
+//! against a restart's 87 MiB (README, "Memory"). So a binary whose allocator needs it
+//! registers its collection ([`set_collector`]), and [`release_free_memory`] runs it on
+//! the calling thread and on every thread of the pool that built: after a build, and once
+//! the built copy is freed.
 
-/// Returns the allocator's free memory to the operating system (glibc; elsewhere a
-/// no-op). Best effort, and cheap next to the build it follows.
-pub fn release_free_memory() {
+use crate::platform::pool::WorkerPool;
+use std::sync::OnceLock;
+
+static COLLECTOR: OnceLock<fn()> = OnceLock::new();
+
+/// Registers how the process's global allocator gives the calling thread's free memory
+/// back to the operating system (mimalloc: `mi_collect(true)`). Set once, by the binary
+/// that chose the allocator; returns false if one was set already (that one is kept).
+pub fn set_collector(collect: fn()) -> bool {
+    COLLECTOR.set(collect).is_ok()
+}
+
+/// Returns the allocator's free memory to the operating system: glibc's trim, then the
+/// registered collector (see [`set_collector`]) on this thread and on each of `pool`'s.
+/// Blocks until every thread of `pool` has run it, each after the job it is running: call
+/// it off the async runtime. Best effort, and cheap next to the build it follows.
+pub fn release_free_memory(pool: &WorkerPool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `malloc_trim` only hands free pages back to the kernel; glibc documents
     // it as thread-safe (it takes each arena's lock), and no pointer of ours is involved.
     unsafe {
         libc::malloc_trim(0);
+    }
+    if let Some(collect) = COLLECTOR.get().copied() {
+        collect();
+        pool.threads().broadcast(|_| collect());
     }
 }
 
@@ -33,4 +53,35 @@ pub fn resident_anonymous_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kib = status.lines().find_map(|l| l.strip_prefix("RssAnon:"))?.trim().strip_suffix("kB")?.trim();
     kib.parse::<u64>().ok().map(|kib| kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+
+    /// The threads the test collector ran on.
+    static COLLECTED_ON: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    fn record_thread() {
+        let name = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        COLLECTED_ON.lock().push(name);
+    }
+
+    /// mimalloc keeps another thread's freed pages until that thread collects, so the
+    /// collector must run on every thread that built, not only on the one that asks.
+    #[test]
+    fn the_collector_runs_on_the_calling_thread_and_on_every_thread_of_the_pool() {
+        assert!(set_collector(record_thread), "the first collector is registered");
+        assert!(!set_collector(|| {}), "and kept");
+        let pool = WorkerPool::new("heap-test", 3).unwrap();
+        let asking = std::thread::Builder::new()
+            .name("heap-asking".to_owned())
+            .spawn(move || release_free_memory(&pool))
+            .unwrap();
+        asking.join().unwrap();
+        let mut ran_on: Vec<String> = COLLECTED_ON.lock().iter().filter(|n| n.starts_with("heap-")).cloned().collect();
+        ran_on.sort();
+        assert_eq!(ran_on, ["heap-asking", "heap-test-0", "heap-test-1", "heap-test-2"]);
+    }
 }
