@@ -270,14 +270,9 @@ pub async fn report_once(
 pub async fn load(path: &Path, pool: &WorkerPool, files: Option<&IndexFiles>) -> anyhow::Result<Segments> {
     let (path_buf, build_pool, files) = (path.to_owned(), pool.clone(), files.cloned());
     let data = pool
-        .run(move || {
-            let data = match &files {
-                Some(files) => Segments::open_persisted(&path_buf, &build_pool, files),
-                None => Segments::open(&path_buf, &build_pool),
-            };
-            // The build's peak, freed on the threads that built it.
-            crate::platform::heap::release_free_memory(&build_pool);
-            data
+        .run(move || match &files {
+            Some(files) => Segments::open_persisted(&path_buf, &build_pool, files),
+            None => Segments::open(&path_buf, &build_pool),
         })
         .await
         .context("the index build was abandoned")?

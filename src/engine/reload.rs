@@ -92,10 +92,14 @@ pub fn persist_indexes(engine: &Engine, data: Segments, files: &IndexFiles, metr
         // The last task still using the built copies frees them, within milliseconds (a
         // task of thousands of phones, longer); what the allocator gives back includes
         // them only after that.
-        let freed = wait_until_gone(&replaced, BUILT_COPY_WAIT);
+        wait_until_gone(&replaced, BUILT_COPY_WAIT);
+    }
+    // Whatever was built here (stored or not), its peak is freed by now: given back once,
+    // off the way to readiness and off the one-shot `report` (which exits instead).
+    if written + failed > 0 {
         let started = Instant::now();
         crate::platform::heap::release_free_memory(engine.pool());
-        info!(freed, millis = started.elapsed().as_millis() as u64, "free memory returned to the system");
+        info!(millis = started.elapsed().as_millis() as u64, "free memory returned to the system");
     }
 }
 
@@ -274,9 +278,7 @@ pub async fn watch_data(
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
             opened = pool.run(move || {
-                let opened = names.iter().map(|name| Segment::open_persisted(&open_path, name, &build_pool, &files)).collect::<Vec<_>>();
-                crate::platform::heap::release_free_memory(&build_pool);
-                opened
+                names.iter().map(|name| Segment::open_persisted(&open_path, name, &build_pool, &files)).collect::<Vec<_>>()
             }) => opened,
         };
         let Ok(opened) = opened else {

@@ -15,8 +15,10 @@
 //! where a restart held 81-135 MiB, and 511 MiB idle once it served the stored index,
 //! against a restart's 87 MiB (README, "Memory"). So a binary whose allocator needs it
 //! registers its collection ([`set_collector`]), and [`release_free_memory`] runs it on
-//! the calling thread and on every thread of the pool that built: after a build, and once
-//! the built copy is freed.
+//! the calling thread and on every thread of the pool that built, once after each build,
+//! when the build's peak and any built copy it no longer serves are freed
+//! (`engine::reload::persist_indexes`, on the reload thread: never on the way to
+//! readiness, nor in the one-shot `report`).
 
 use crate::platform::pool::WorkerPool;
 use std::sync::OnceLock;
