@@ -693,7 +693,7 @@ mod tests {
                 .build();
             metrics.memory_bound_bytes.get()
         };
-        assert_eq!(bound(Duration::from_secs(60)), index + 1_000 * (440 + 224) + (64 << 20));
+        assert_eq!(bound(Duration::from_secs(60)), index + 1_000 * (440 + 112) + (64 << 10) + (64 << 20));
         assert_eq!(bound(Duration::ZERO), index + (64 << 20));
     }
 }

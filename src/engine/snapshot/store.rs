@@ -20,13 +20,13 @@
 
 use super::format::{
     BASE_HEADER_LEN, Base, BaseHeader, JOURNAL_HEADER_LEN, SnapshotError, decode_base, decode_base_header,
-    decode_journal, encode_base, encode_batch, encode_journal_header,
+    decode_journal, encode_journal_header, write_base, write_batch,
 };
 use crate::data::DataIdentity;
 use crate::engine::cache::CachedPhone;
-use crate::platform::atomic_file;
+use crate::platform::atomic_file::{self, AtomicFile};
 use std::fs::TryLockError;
-use std::io::{Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -34,10 +34,14 @@ use std::time::{Duration, Instant};
 /// this large.
 const COMPACT_MIN_BYTES: u64 = 1 << 20;
 
+/// Bytes a write of the base or of a batch of the journal encodes before handing them to
+/// the file: the encoding never holds a second copy of the cache.
+const WRITE_BUFFER: usize = 64 << 10;
+
 /// Heap a compaction holds while it runs, for a cache of `capacity` entries: the copy of
-/// the cache it writes and that copy encoded.
+/// the cache it writes, and the buffer it encodes through.
 pub fn fold_bytes(capacity: usize) -> usize {
-    capacity.saturating_mul(size_of::<CachedPhone>() + super::format::ENTRY_LEN)
+    capacity.saturating_mul(size_of::<CachedPhone>()).saturating_add(WRITE_BUFFER)
 }
 
 /// Every live entry of the cache and the data they were computed from: what a compaction
@@ -194,10 +198,12 @@ impl Store {
             _ => &delta.entries,
         };
         if !entries.is_empty() {
-            let batch = encode_batch(entries);
-            current.journal.write_all(&batch)?;
+            let mut journal = BufWriter::with_capacity(WRITE_BUFFER, &current.journal);
+            let len = write_batch(entries, &mut journal)?;
+            journal.flush()?;
+            drop(journal);
             current.journal.sync_data()?;
-            current.journal_bytes += batch.len() as u64;
+            current.journal_bytes += len as u64;
         }
         if current.journal_bytes > current.base_bytes.max(COMPACT_MIN_BYTES) {
             self.compact(delta, everything)?;
@@ -262,8 +268,12 @@ impl Store {
 
     /// Writes `base` (atomically), then its empty journal, and opens the journal.
     fn start(&self, base: Base) -> std::io::Result<Current> {
-        let bytes = encode_base(&base);
-        atomic_file::write(&self.path, &bytes)?;
+        let file = AtomicFile::create(&self.path)?;
+        let mut out = BufWriter::with_capacity(WRITE_BUFFER, file.file());
+        let base_bytes = write_base(&base, &mut out)?;
+        out.flush()?;
+        drop(out);
+        file.commit()?;
         let journal = journal_path(&self.path);
         atomic_file::write(&journal, &encode_journal_header(base.generation))?;
         let journal = std::fs::OpenOptions::new().append(true).open(&journal)?;
@@ -271,7 +281,7 @@ impl Store {
             generation: base.generation,
             journal_id: file_id(&journal.metadata()?),
             identity: base.identity,
-            base_bytes: bytes.len() as u64,
+            base_bytes: base_bytes as u64,
             journal,
             journal_bytes: 0,
         })
