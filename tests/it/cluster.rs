@@ -264,6 +264,9 @@ async fn consume_reports(
     }
 }
 
+/// The longest a confirmed task may wait for its answer while a node is down.
+const MOVED_WITHIN: Duration = Duration::from_secs(8);
+
 /// The longest stretch between `from` and `to` without an answer, and when it began.
 fn longest_gap(answers: &BTreeMap<u64, Instant>, from: Instant, to: Instant) -> (Duration, Instant) {
     let mut times: Vec<Instant> = answers.values().copied().filter(|t| *t >= from && *t <= to).collect();
@@ -442,7 +445,14 @@ async fn steady_load_through(restarts: usize, down: Duration) {
     assert!(lost.is_empty(), "{} tasks never answered: {:?}", lost.len(), &lost[..lost.len().min(20)]);
     assert!(ledger.wrong.is_empty(), "wrong reports: {:?}", &ledger.wrong[..ledger.wrong.len().min(3)]);
     if !one_url {
-        assert!(slowest <= Duration::from_secs(5), "a task waited {slowest:?} for its answer (at most 5 s)");
+        // What the bound tells apart: a service that moves to another node from one that
+        // waits for its node to come back (`TEST_CLUSTER_ONE_URL`: 11.65 s and more), so
+        // it stays below the time the node is down. It was 5 s until a CI run on a slow
+        // VM (2026-12-03) saw 5.66 s with the service consuming from another node 3.02 s
+        // after the stop began: the rest is the quorum queues' leaders moving, which is
+        // the broker's.
+        assert!(MOVED_WITHIN < down, "the bound must be below the outage it tells apart");
+        assert!(slowest <= MOVED_WITHIN, "a task waited {slowest:?} for its answer (at most {MOVED_WITHIN:?})");
     }
 }
 
@@ -452,7 +462,7 @@ fn rand_seed() -> u128 {
 
 /// One node (the one the service consumes from) stopped for 10 s under a steady load:
 /// the service fails over to another node at once; 0 lost, 0 wrong, no confirmed task
-/// waits more than 5 s for its answer.
+/// waits more than [`MOVED_WITHIN`] (8 s) for its answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the RabbitMQ 4 cluster of scripts/rabbitmq4 (TEST_CLUSTER=scripts/rabbitmq4)"]
 async fn cluster_a_node_stopped_under_load_loses_nothing_and_answers_resume_within_seconds() {
