@@ -198,10 +198,7 @@ impl Store {
             _ => &delta.entries,
         };
         if !entries.is_empty() {
-            let mut journal = BufWriter::with_capacity(WRITE_BUFFER, &current.journal);
-            let len = write_batch(entries, &mut journal)?;
-            journal.flush()?;
-            drop(journal);
+            let len = buffered(&current.journal, |out| write_batch(entries, out))?;
             current.journal.sync_data()?;
             current.journal_bytes += len as u64;
         }
@@ -269,10 +266,7 @@ impl Store {
     /// Writes `base` (atomically), then its empty journal, and opens the journal.
     fn start(&self, base: Base) -> std::io::Result<Current> {
         let file = AtomicFile::create(&self.path)?;
-        let mut out = BufWriter::with_capacity(WRITE_BUFFER, file.file());
-        let base_bytes = write_base(&base, &mut out)?;
-        out.flush()?;
-        drop(out);
+        let base_bytes = buffered(file.file(), |out| write_base(&base, out))?;
         file.commit()?;
         let journal = journal_path(&self.path);
         atomic_file::write(&journal, &encode_journal_header(base.generation))?;
@@ -310,6 +304,17 @@ impl Store {
         self.current = Some(self.start(base)?);
         Ok(())
     }
+}
+
+/// Runs `write` on `file` through a [`WRITE_BUFFER`] and flushes it; what `write` returned.
+fn buffered(
+    file: &std::fs::File,
+    write: impl FnOnce(&mut BufWriter<&std::fs::File>) -> std::io::Result<usize>,
+) -> std::io::Result<usize> {
+    let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+    let written = write(&mut out)?;
+    out.flush()?;
+    Ok(written)
 }
 
 /// How long a write (or the startup's read) waits for the lock. A replica holding it
