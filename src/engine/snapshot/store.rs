@@ -523,7 +523,8 @@ mod tests {
         a.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap();
         b.write(&delta(OTHER, vec![entry(7, 7, 1_000)]), &nothing).unwrap();
         b.write(&delta(DATA, vec![entry(8, 8, 1_000)]), &nothing).unwrap();
-        let a_cache = || (DATA, vec![entry(1, 1, 1_000), entry(2, 2, 1_000)]);
+        // And one expiring at the write's `now_ms` (100): expired, as the cache counts it.
+        let a_cache = || (DATA, vec![entry(1, 1, 1_000), entry(2, 2, 1_000), entry(4, 4, 100)]);
         a.write(&delta(DATA, vec![entry(2, 2, 1_000)]), &a_cache).unwrap();
         let restored = load(&path).unwrap().unwrap();
         assert_eq!(restored.identity, DATA);
@@ -532,6 +533,24 @@ mod tests {
         b.write(&delta(DATA, vec![entry(9, 9, 1_000)]), &nothing).unwrap();
         a.write(&delta(DATA, vec![entry(3, 3, 1_000)]), &nothing).unwrap();
         assert_eq!(records(&load(&path).unwrap().unwrap()), [(8, 8), (1, 1), (2, 2), (9, 9), (3, 3)]);
+    }
+
+    /// The same, but the replica's cache has moved on to other data since its changes
+    /// were taken: its cache is not of the data these files hold, so only the changes
+    /// (of this data) are appended, never the cache's entries of the other.
+    #[test]
+    fn a_replica_whose_files_another_replaced_and_whose_cache_moved_on_appends_only_its_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.snapshot");
+        let mut a = Store::new(path.clone());
+        let mut b = Store::new(path.clone());
+        a.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap();
+        b.write(&delta(OTHER, vec![entry(7, 7, 1_000)]), &nothing).unwrap();
+        b.write(&delta(DATA, vec![entry(8, 8, 1_000)]), &nothing).unwrap();
+        let moved_on = || (OTHER, vec![entry(1, 70, 1_000), entry(6, 60, 1_000)]);
+        a.write(&delta(DATA, vec![entry(2, 2, 1_000)]), &moved_on).unwrap();
+        let restored = load(&path).unwrap().unwrap();
+        assert_eq!((restored.identity, records(&restored)), (DATA, vec![(8, 8), (2, 2)]));
     }
 
     /// Another replica folded the journal into a new base (a new generation): this one's
