@@ -48,6 +48,9 @@ const HEALTHY_PERIOD: Duration = Duration::from_secs(10);
 /// How often a session checks that its connection and channels are still open (a
 /// channel the broker closed raises no event a task would see until it publishes).
 const SESSION_CHECK: Duration = Duration::from_secs(1);
+/// How long a session a task found broken is given to say why through its consumer
+/// (see [`ended_by_a_task`]); it answers at once when the connection failed.
+const CAUSE_WAIT: Duration = Duration::from_millis(250);
 
 /// Capped exponential backoff with jitter.
 #[derive(Debug)]
@@ -345,7 +348,7 @@ async fn run_session(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-            _ = state.broken.cancelled() => return SessionEnd::Lost("a task found the session broken".into()),
+            _ = state.broken.cancelled() => return ended_by_a_task(session).await,
             _ = check.tick() => {
                 if !session.is_open() {
                     return SessionEnd::Lost("the connection or a channel was closed".into());
@@ -374,6 +377,27 @@ async fn run_session(
                 }
                 None => return SessionEnd::Lost("the broker cancelled the consumer".into()),
             },
+        }
+    }
+}
+
+/// Why a session that a task found broken ended. lapin fails every call in flight and
+/// the consumer with the same error, in no set order; when that error is a delivery it
+/// could not decode, the session must end as [`SessionEnd::Undecodable`] so the message
+/// is swept. Ended as merely lost, it came back behind the same tasks on every reconnect,
+/// failed them again before they were answered, and nothing was answered any more. The
+/// consumer is read until its error, for at most [`CAUSE_WAIT`]; deliveries read
+/// meanwhile are dropped unsettled, and the broker requeues them when the connection
+/// closes, as it does every delivery prefetched when a session is lost.
+async fn ended_by_a_task(session: &mut Session) -> SessionEnd {
+    let deadline = tokio::time::Instant::now() + CAUSE_WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, session.consumer.next()).await {
+            Ok(Some(Ok(_unsettled))) => {}
+            Ok(Some(Err(error))) if matches!(error.kind(), lapin::ErrorKind::ParsingError(_)) => {
+                return SessionEnd::Undecodable(error.to_string());
+            }
+            _ => return SessionEnd::Lost("a task found the session broken".into()),
         }
     }
 }

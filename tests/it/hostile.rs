@@ -187,6 +187,41 @@ async fn messages_the_client_library_cannot_decode_are_moved_to_the_dlq() {
     assert_eq!(metrics.consumer_stuck.get(), 0);
 }
 
+/// An undecodable message right behind tasks the service is still answering. lapin's
+/// parse error fails those tasks' publishes as well as the consumer, and when a task
+/// noticed first, the session ended as merely lost: no sweep ran, the tasks and the
+/// message came back together on every reconnect, and nothing was answered again (a CI
+/// run, 2026-12-03). The tasks and the message are queued before the service starts,
+/// so they arrive in one burst.
+#[tokio::test]
+async fn an_undecodable_message_behind_tasks_in_flight_is_moved_and_the_tasks_answered() {
+    const TASKS: u64 = 8;
+    let names = Names::unique("utf8burst");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, records) = data_file(dir.path(), 10, 100);
+    let client = Client::new(&names).await;
+    let mut reports = client.consume(&names.reports).await;
+    for id in 1..=TASKS {
+        client.send(&task(id, &[1, 2, 3])).await;
+    }
+    let poison = RawProperties { reply_to: Some(vec![0xc3]), ..RawProperties::default() };
+    publish_raw(&names.tasks, poison, task(100, &[4]).as_bytes()).await;
+    let service = start_service(&names, &data, dir.path(), &[], Arc::new(SystemClock)).await;
+    let expected = expected_data(&records, &[1, 2, 3]);
+    let seen = amqp::collect(&mut reports, TASKS as usize, |report| {
+        amqp::agrees(&report["data"], &expected, format!("task {}", report["correlation_id"]))
+    })
+    .await;
+    seen.assert_all_right(TASKS);
+    let metrics = Arc::clone(service.metrics());
+    service.stop().await.unwrap();
+    let dead = drain_queue(&client.channel, &names.dlq).await;
+    assert_eq!(dead.len(), 1, "the undecodable message, once");
+    assert_eq!(header_text(&dead[0].delivery.properties, "x-rejection-reason").as_deref(), Some("undecodable"));
+    assert_eq!(dead[0].delivery.data, task(100, &[4]).as_bytes());
+    assert!(metrics.reconnects.get() <= 4, "no reconnect storm: {}", metrics.reconnects.get());
+}
+
 /// When the undecodable message cannot be moved (here the DLQ refuses every publish),
 /// the stuck state is visible: `/health` 503 with `undecodable_message`, the
 /// `consumer_stuck` gauge, one error log line; reconnects back off instead of storming;

@@ -173,8 +173,11 @@ mod tls {
         client_certificate: bool,
     ) {
         // The service's log on this thread (its consume loop and sweeps run on the test's
-        // runtime), printed by the test harness only if the test fails: this flow failed
-        // once in CI (2026-12-03, task 3 unanswered within the wait) and never here.
+        // runtime), printed by the test harness only if the test fails. It showed why this
+        // flow failed twice in CI (2026-12-03): the undecodable message arrived while task
+        // 1 was unsettled, the task saw lapin's error before the consume loop did, and the
+        // session ended as lost instead of undecodable, so no sweep ran (now
+        // `hostile::an_undecodable_message_behind_tasks_in_flight_is_moved_and_the_tasks_answered`).
         let _log = tracing::subscriber::set_default(
             tracing_subscriber::fmt()
                 .with_test_writer()
