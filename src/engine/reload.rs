@@ -270,6 +270,11 @@ pub async fn watch_data(
             .filter(|p| !wanted.iter().any(|(name, _)| name == p.name()))
             .map(|p| p.name().to_owned())
             .collect();
+        // Not held across the build: the index store of the change before (queued on this
+        // same one-thread pool) waits for that version to be dropped, so holding it here
+        // stalled this reload behind that wait's 10 s bound whenever the data changed
+        // again within it (a CI run, 2026-12-03: one swap landed in 10 s).
+        drop(served);
         info!(path = %path.display(), new = ?to_open, removed = ?removed, "the data changed; indexing the new files in the background");
         let started = Instant::now();
         let (open_path, build_pool, names, files) = (path.clone(), pool.clone(), to_open.clone(), index_files.clone());
@@ -315,10 +320,12 @@ pub async fn watch_data(
         let persist_engine = engine.clone();
         let persist = move || persist_indexes(&persist_engine, new_segments, &persist_files, &persist_metrics);
         let single_file = |names: &mut dyn Iterator<Item = &str>| names.eq([""]);
+        let served = engine.current();
         if single_file(&mut served.data.parts().iter().map(|p| p.name()))
             && single_file(&mut added.iter().map(|p| p.name()))
         {
             let data = served.data.changed(&added, &[]);
+            drop(served);
             let summary = data.summary();
             let epoch = engine.replace(data);
             metrics.data_reloads.inc();
@@ -333,6 +340,7 @@ pub async fn watch_data(
             pool.spawn(persist);
             continue;
         }
+        drop(served);
         let (join_engine, join_pool, names) = (engine.clone(), pool.clone(), removed.clone());
         let joined = pool.run(move || join_engine.join(added, &names, &join_pool)).await;
         match joined {

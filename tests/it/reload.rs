@@ -9,7 +9,7 @@ use report_service::platform::clock::SystemClock;
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
-use support::amqp::{Client, Names, WAIT, collect, next_json};
+use support::amqp::{Client, Names, Seen, WAIT, collect, collect_into, next_json};
 use support::{start_service, task};
 
 /// `phones` phones with `per_phone` records each, every record lasting `seconds`.
@@ -96,18 +96,26 @@ async fn a_malformed_replacement_keeps_the_old_data_serving_until_a_good_one_arr
 /// Tasks keep flowing while the file is swapped back and forth (a swapper keeps
 /// replacing it until every report is in): every report comes entirely from one file
 /// (all its phones show that file's duration and count), and both files served some.
+/// 400 tasks are queued before the service starts; when they were all answered before a
+/// swap landed (a CI run, 2026-12-03: 400 from the first file, 0 from the second), more
+/// are sent, 100 at a time, until both files have served (at most 2,000 in all).
 #[tokio::test]
 async fn tasks_in_flight_during_swaps_get_internally_consistent_reports() {
+    const FIRST: u64 = 400;
+    const MORE: u64 = 100;
+    const MOST: u64 = 2_000;
     let names = Names::unique("swaps");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data.json");
     let (a, b) = (uniform_file(20, 2_000, 10), uniform_file(20, 3_000, 20));
     std::fs::write(&data, &a).unwrap();
     let client = Client::new(&names).await;
-    let tasks = 400u64;
-    for i in 0..tasks {
-        client.send(&task(i, &(0..10).map(|k| (i + k) % 20).collect::<Vec<_>>())).await;
-    }
+    let send = async |ids: std::ops::Range<u64>| {
+        for i in ids {
+            client.send(&task(i, &(0..10).map(|k| (i + k) % 20).collect::<Vec<_>>())).await;
+        }
+    };
+    send(0..FIRST).await;
     let mut reports = client.consume(&names.reports).await;
     let service = start_service(
         &names,
@@ -134,7 +142,7 @@ async fn tasks_in_flight_during_swaps_get_internally_consistent_reports() {
         }
     });
     let from = std::cell::RefCell::new([0, 0]);
-    collect(&mut reports, tasks as usize, |report| {
+    let check = |report: &Value| {
         let phones = avg_and_count(report);
         let first = phones[0];
         if first != (10.0, 2_000) && first != (20.0, 3_000) {
@@ -145,13 +153,23 @@ async fn tasks_in_flight_during_swaps_get_internally_consistent_reports() {
         }
         from.borrow_mut()[usize::from(first.0 == 20.0)] += 1;
         Ok(())
-    })
-    .await
-    .assert_all_right(tasks);
+    };
+    let mut seen = Seen::default();
+    let mut sent = FIRST;
+    loop {
+        collect_into(&mut reports, &mut seen, sent as usize, &check).await;
+        seen.assert_all_right(sent);
+        let served = *from.borrow();
+        if (served[0] > 0 && served[1] > 0) || sent >= MOST {
+            break;
+        }
+        send(sent..sent + MORE).await;
+        sent += MORE;
+    }
     done.cancel();
     let swaps = swapper.await.unwrap();
     let from = from.into_inner();
-    eprintln!("{swaps} swaps; reports from the first file: {}, from the second: {}", from[0], from[1]);
+    eprintln!("{sent} tasks, {swaps} swaps; reports from the first file: {}, from the second: {}", from[0], from[1]);
     assert!(from[0] > 0 && from[1] > 0, "swaps happened while tasks were in flight");
     service.stop().await.unwrap();
 }
