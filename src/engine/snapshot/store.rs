@@ -509,6 +509,17 @@ mod tests {
         assert_eq!((restored.identity, restored.entries.len()), (DATA, 20_000));
     }
 
+    /// Two replicas of the files at `path`: `a` has appended phone 1 of `DATA`, then `b`
+    /// replaced the files with a base of `OTHER` and then one of `DATA` holding phone 8.
+    fn files_replaced_under_a_replica(path: &Path) -> (Store, Store) {
+        let mut a = Store::new(path.to_owned());
+        let mut b = Store::new(path.to_owned());
+        a.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap();
+        b.write(&delta(OTHER, vec![entry(7, 7, 1_000)]), &nothing).unwrap();
+        b.write(&delta(DATA, vec![entry(8, 8, 1_000)]), &nothing).unwrap();
+        (a, b)
+    }
+
     /// Replicas sharing the files while the data is replaced: a stale replica writes a
     /// base of the old data, then a new base of the new data, while another replica goes
     /// on appending to the journal it opened before. Its appends went to a journal no
@@ -518,11 +529,7 @@ mod tests {
     fn a_replica_whose_files_another_replaced_saves_its_cache_into_the_new_ones() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.snapshot");
-        let mut a = Store::new(path.clone());
-        let mut b = Store::new(path.clone());
-        a.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap();
-        b.write(&delta(OTHER, vec![entry(7, 7, 1_000)]), &nothing).unwrap();
-        b.write(&delta(DATA, vec![entry(8, 8, 1_000)]), &nothing).unwrap();
+        let (mut a, mut b) = files_replaced_under_a_replica(&path);
         // And one expiring at the write's `now_ms` (100): expired, as the cache counts it.
         let a_cache = || (DATA, vec![entry(1, 1, 1_000), entry(2, 2, 1_000), entry(4, 4, 100)]);
         a.write(&delta(DATA, vec![entry(2, 2, 1_000)]), &a_cache).unwrap();
@@ -542,11 +549,7 @@ mod tests {
     fn a_replica_whose_files_another_replaced_and_whose_cache_moved_on_appends_only_its_changes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.snapshot");
-        let mut a = Store::new(path.clone());
-        let mut b = Store::new(path.clone());
-        a.write(&delta(DATA, vec![entry(1, 1, 1_000)]), &nothing).unwrap();
-        b.write(&delta(OTHER, vec![entry(7, 7, 1_000)]), &nothing).unwrap();
-        b.write(&delta(DATA, vec![entry(8, 8, 1_000)]), &nothing).unwrap();
+        let (mut a, _b) = files_replaced_under_a_replica(&path);
         let moved_on = || (OTHER, vec![entry(1, 70, 1_000), entry(6, 60, 1_000)]);
         a.write(&delta(DATA, vec![entry(2, 2, 1_000)]), &moved_on).unwrap();
         let restored = load(&path).unwrap().unwrap();
