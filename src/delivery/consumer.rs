@@ -89,6 +89,17 @@ enum SessionEnd {
     Undecodable(String),
 }
 
+impl SessionEnd {
+    /// The end of a session whose consumer failed with `error`: a delivery lapin could not
+    /// decode is swept, anything else is a lost connection.
+    fn of_consumer_error(error: &lapin::Error) -> Self {
+        match error.kind() {
+            lapin::ErrorKind::ParsingError(_) => Self::Undecodable(error.to_string()),
+            _ => Self::Lost(format!("lost the broker connection: {error}")),
+        }
+    }
+}
+
 /// What tasks report to the session that runs them.
 #[derive(Debug, Default)]
 struct SessionState {
@@ -369,12 +380,7 @@ async fn run_session(
                     let weight = Weight::of(delivery.data.len(), pipeline.limits);
                     tasks.add(run_task(pipeline, publisher, state, delivery), weight);
                 }
-                Some(Err(error)) => {
-                    return match error.kind() {
-                        lapin::ErrorKind::ParsingError(_) => SessionEnd::Undecodable(error.to_string()),
-                        _ => SessionEnd::Lost(format!("lost the broker connection: {error}")),
-                    };
-                }
+                Some(Err(error)) => return SessionEnd::of_consumer_error(&error),
                 None => return SessionEnd::Lost("the broker cancelled the consumer".into()),
             },
         }
@@ -394,9 +400,7 @@ async fn ended_by_a_task(session: &mut Session) -> SessionEnd {
     loop {
         match tokio::time::timeout_at(deadline, session.consumer.next()).await {
             Ok(Some(Ok(_unsettled))) => {}
-            Ok(Some(Err(error))) if matches!(error.kind(), lapin::ErrorKind::ParsingError(_)) => {
-                return SessionEnd::Undecodable(error.to_string());
-            }
+            Ok(Some(Err(error))) => return SessionEnd::of_consumer_error(&error),
             _ => return SessionEnd::Lost("a task found the session broken".into()),
         }
     }
