@@ -379,6 +379,19 @@ mod tests {
         );
     }
 
+    /// No statistic is ever infinite or NaN (prices and the mean are an i128 over a
+    /// positive divisor), but if one were, the entry would stay JSON: `null`, as sonic-rs
+    /// writes it.
+    #[test]
+    fn a_float_that_is_not_finite_is_written_as_null_as_serde_writes_it() {
+        for value in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut entry = Entry::default();
+            entry.float(Some(value));
+            assert_eq!(entry.bytes(), b"null");
+            assert_eq!(sonic_rs::to_string(&Some(value)).unwrap(), "null");
+        }
+    }
+
     use proptest::prelude::*;
 
     proptest! {
