@@ -170,8 +170,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     // The indexes built at startup are stored for the next start, on the reload thread,
     // once the service is up (not on the way to readiness).
     let (served, files, index_metrics) = (engine.current().data.clone(), index_files.clone(), Arc::clone(&metrics));
-    let persist_engine = engine.clone();
-    reload_pool.spawn(move || reload::persist_indexes(&persist_engine, served, &files, &index_metrics));
+    let (persist_engine, persist_pool) = (engine.clone(), reload_pool.clone());
+    reload_pool.spawn(move || reload::persist_indexes(&persist_engine, served, &files, &index_metrics, &persist_pool));
     let watch = reload::Watch {
         path: config.data_path.clone(),
         every: config.data_poll_interval,

@@ -20,6 +20,7 @@
 use crate::data::segments::{self, Segment};
 use crate::data::{DataIdentity, FileIdentity, IndexFiles, Segments};
 use crate::engine::Engine;
+use crate::engine::lookup::Loaded;
 use crate::ops::metrics::{IndexEvent, Metrics};
 use crate::platform::pool::WorkerPool;
 use std::collections::HashMap;
@@ -60,9 +61,10 @@ const INDEX_FILE_GRACE: Duration = Duration::from_secs(60);
 /// index files of data files that are gone, and counts and logs what it did; then has
 /// `engine` serve the stored files in place of the built copies (see
 /// [`Engine::use_stored_indexes`]), so that the heap a build leaves behind is freed
-/// rather than kept for the life of the process. Blocking (file writes): run it on the
-/// reload pool.
-pub fn persist_indexes(engine: &Engine, data: Segments, files: &IndexFiles, metrics: &Metrics) {
+/// rather than kept for the life of the process. Blocking (file writes): run it on
+/// `reload`, the reload pool, which also gives the freed memory back (see
+/// [`release_after`]).
+pub fn persist_indexes(engine: &Engine, data: Segments, files: &IndexFiles, metrics: &Metrics, reload: &WorkerPool) {
     let started = Instant::now();
     let (mut written, mut failed) = (0u64, 0u64);
     for (path, result) in data.persist(files) {
@@ -84,27 +86,48 @@ pub fn persist_indexes(engine: &Engine, data: Segments, files: &IndexFiles, metr
     if written + failed + removed > 0 {
         info!(written, failed, removed, millis = started.elapsed().as_millis() as u64, dir = %files.dir().display(), "index files stored");
     }
-    if written > 0
-        && let Some(replaced) = engine.use_stored_indexes(files)
-    {
+    let replaced = if written > 0 { engine.use_stored_indexes(files) } else { None };
+    if replaced.is_some() {
         let index_heap_bytes = engine.current().data.summary().heap_bytes;
         info!(index_heap_bytes, "serving the stored index files; the indexes built in memory are freed");
-        // The last task still using the built copies frees them, within milliseconds (a
-        // task of thousands of phones, longer); what the allocator gives back includes
-        // them only after that.
-        wait_until_gone(&replaced, BUILT_COPY_WAIT);
     }
-    // Whatever was built here (stored or not), its peak is freed by now: given back once,
-    // off the way to readiness and off the one-shot `report` (which exits instead).
+    // Whatever was built here (stored or not), its peak is freed by now or once the
+    // replaced copies are: given back once, off the way to readiness and off the one-shot
+    // `report` (which exits instead).
     if written + failed > 0 {
-        let started = Instant::now();
-        crate::platform::heap::release_free_memory(engine.pool());
-        info!(millis = started.elapsed().as_millis() as u64, "free memory returned to the system");
+        release_after(replaced.unwrap_or_default(), engine.clone(), reload.clone());
     }
 }
 
-/// How long the reload thread waits for the last task using a replaced version to end
-/// before returning free memory anyway.
+/// Gives free memory back to the system (see `heap::release_free_memory`) on the reload
+/// pool once `replaced` is gone: now if it is, else after the last task using it ends (a
+/// task of thousands of phones can take seconds), or after `BUILT_COPY_WAIT` whatever
+/// happens. The wait is on a thread of its own: on the one-thread reload pool it would hold
+/// up the next data change's build for as long as any task held the replaced version
+/// (a CI run, 2026-12-03: a change served 10 s late).
+fn release_after(replaced: Weak<Loaded>, engine: Engine, reload: WorkerPool) {
+    let release = move || {
+        let started = Instant::now();
+        crate::platform::heap::release_free_memory(engine.pool());
+        info!(millis = started.elapsed().as_millis() as u64, "free memory returned to the system");
+    };
+    if replaced.strong_count() == 0 {
+        return release();
+    }
+    let waiter = std::thread::Builder::new().name("report-release".into()).spawn({
+        let reload = reload.clone();
+        move || {
+            wait_until_gone(&replaced, BUILT_COPY_WAIT);
+            reload.spawn(release);
+        }
+    });
+    if let Err(error) = waiter {
+        warn!(%error, "cannot start a thread to wait for the built indexes to be freed; their memory is returned later or not at all");
+    }
+}
+
+/// How long the release of free memory waits for the last task using a replaced version
+/// to end before it runs anyway.
 const BUILT_COPY_WAIT: Duration = Duration::from_secs(10);
 
 /// Whether what `weak` points at was dropped within `within`, looked at every 10 ms.
@@ -270,10 +293,8 @@ pub async fn watch_data(
             .filter(|p| !wanted.iter().any(|(name, _)| name == p.name()))
             .map(|p| p.name().to_owned())
             .collect();
-        // Not held across the build: the index store of the change before (queued on this
-        // same one-thread pool) waits for that version to be dropped, so holding it here
-        // stalled this reload behind that wait's 10 s bound whenever the data changed
-        // again within it (a CI run, 2026-12-03: one swap landed in 10 s).
+        // Not held across the build: the memory release after the index store of the
+        // change before waits for that version to be dropped (see `release_after`).
         drop(served);
         info!(path = %path.display(), new = ?to_open, removed = ?removed, "the data changed; indexing the new files in the background");
         let started = Instant::now();
@@ -318,7 +339,9 @@ pub async fn watch_data(
         record_index_origins(&new_segments, &metrics);
         let (persist_files, persist_metrics) = (index_files.clone(), Arc::clone(&metrics));
         let persist_engine = engine.clone();
-        let persist = move || persist_indexes(&persist_engine, new_segments, &persist_files, &persist_metrics);
+        let persist_pool = pool.clone();
+        let persist =
+            move || persist_indexes(&persist_engine, new_segments, &persist_files, &persist_metrics, &persist_pool);
         let single_file = |names: &mut dyn Iterator<Item = &str>| names.eq([""]);
         let served = engine.current();
         if single_file(&mut served.data.parts().iter().map(|p| p.name()))
@@ -411,7 +434,8 @@ mod tests {
         // As the service starts: the startup's indexes stored on the reload thread.
         let (store_engine, served, files, store_metrics) =
             (engine.clone(), engine.current().data.clone(), index_files.clone(), Arc::clone(&metrics));
-        reload_pool.spawn(move || persist_indexes(&store_engine, served, &files, &store_metrics));
+        let store_pool = reload_pool.clone();
+        reload_pool.spawn(move || persist_indexes(&store_engine, served, &files, &store_metrics, &store_pool));
         let (events, mut reloads) = watch::channel(Reloads::default());
         let shutdown = CancellationToken::new();
         let every = Duration::from_millis(20);
@@ -444,6 +468,55 @@ mod tests {
         shutdown.cancel();
         watcher.await.unwrap();
         assert!(waited < BUILT_COPY_WAIT, "{waited:?}");
+    }
+
+    /// A task still using the version the index store replaced (a report of thousands of
+    /// phones can take seconds) does not hold up the next data change: the release of
+    /// free memory waits for it on a thread of its own, not on the one-thread reload
+    /// pool the change's build runs on. Until 2026-12-04 the store waited there, so this
+    /// change was served only when the holder let go or 10 s had passed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_holding_the_replaced_version_does_not_hold_up_the_next_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data.json");
+        let record = |phone: u64| format!(r#"{{"phone":{phone},"start_date":0,"end_date":1000}}"#);
+        std::fs::write(&data, format!("[{}]", record(1))).unwrap();
+        let index_files = IndexFiles::new(dir.path().join("indexes"));
+        std::fs::create_dir_all(index_files.dir()).unwrap();
+        let stats_pool = WorkerPool::new("test-stats", 1).unwrap();
+        let engine = Engine::builder(Segments::open(&data, &stats_pool).unwrap(), stats_pool).build();
+        let metrics = Arc::new(Metrics::new());
+        let reload_pool = WorkerPool::new("test-reload", 1).unwrap();
+        // A task in flight, holding the version built at startup.
+        let task = engine.current();
+        let (store_engine, served, files, store_metrics, store_pool) =
+            (engine.clone(), task.data.clone(), index_files.clone(), Arc::clone(&metrics), reload_pool.clone());
+        reload_pool.spawn(move || persist_indexes(&store_engine, served, &files, &store_metrics, &store_pool));
+        let stored = tokio::time::timeout(Duration::from_secs(30), async {
+            while Arc::ptr_eq(&task, &engine.current()) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        stored.await.expect("the stored index is served in place of the built one");
+
+        let (events, mut reloads) = watch::channel(Reloads::default());
+        let shutdown = CancellationToken::new();
+        let watch = Watch { path: data.clone(), every: Duration::from_millis(20), pool: reload_pool, index_files };
+        let watcher = tokio::spawn(watch_data(engine.clone(), watch, Arc::clone(&metrics), events, shutdown.clone()));
+        let next = dir.path().join("data.json.next");
+        std::fs::write(&next, format!("[{},{}]", record(2), record(2))).unwrap();
+        std::fs::rename(&next, &data).unwrap();
+        let swapped = tokio::time::timeout(BUILT_COPY_WAIT / 2, reloads.wait_for(|r| r.swapped >= 1)).await;
+        assert!(
+            swapped.is_ok(),
+            "the change was not served within {:?} while a task held the replaced version",
+            BUILT_COPY_WAIT / 2
+        );
+        assert_eq!(engine.current().data.summary().records, 2, "the new file is served");
+        assert_eq!(task.data.summary().records, 1, "the task still reads the version it started with");
+        drop(task);
+        shutdown.cancel();
+        watcher.await.unwrap();
     }
 
     fn identity(len: u64) -> FileIdentity {

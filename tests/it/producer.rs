@@ -112,3 +112,57 @@ async fn send_waits_for_and_prints_its_report_and_seed_fills_the_report_queue() 
     assert_eq!(ids, (producer::FIRST_SAMPLE_ID..producer::FIRST_SAMPLE_ID + 10).collect::<Vec<_>>());
     service.stop().await.unwrap();
 }
+
+/// The broker refuses publishes while the task queue is full (`max-length` 3,
+/// `reject-publish`, as a quorum queue does while it elects a leader): the load test
+/// publishes each refused task again after a pause, and once a consumer drains the
+/// queue every task is answered, none counted twice.
+#[tokio::test]
+async fn a_load_test_publishes_refused_tasks_again_until_the_broker_takes_them() {
+    let names = Names::unique("refusing");
+    let queues = Client::new(&names).await;
+    let task_queue = names.tasks.clone();
+    let policy = tokio::task::spawn_blocking(move || {
+        support::amqp::Policy::on_queue(&task_queue, r#"{"max-length":3,"overflow":"reject-publish"}"#)
+    })
+    .await
+    .unwrap();
+    let client = Producer::connect(&url(), &TlsSettings::system_only(), &names.tasks).await.unwrap();
+    let options = LoadOptions {
+        tasks: 10,
+        concurrency: 10,
+        phones_per_task: 1,
+        phone_max: 10,
+        phone_base: 0,
+        hot_set: None,
+        disjoint: false,
+        idle_timeout: Duration::from_secs(30),
+        seed: 3,
+    };
+    let load = tokio::spawn(async move {
+        let summary = producer::load(&client, options, &|_| {}).await;
+        client.close().await;
+        summary
+    });
+    // Three tasks fill the queue; the seven published with them are refused.
+    let filled = tokio::time::timeout(Duration::from_secs(30), async {
+        while support::amqp::ready_messages(&queues.channel, &names.tasks).await < 3 {
+            tokio::task::yield_now().await;
+        }
+    });
+    filled.await.expect("the queue fills");
+    let echo_client = Producer::connect(&url(), &TlsSettings::system_only(), &names.tasks).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let echo = tokio::spawn({
+        let stop = stop.clone();
+        async move { producer::echo(&echo_client, 16, 100, stop).await }
+    });
+    let summary = tokio::time::timeout(Duration::from_secs(60), load).await.expect("the load ends").unwrap().unwrap();
+    stop.cancel();
+    assert_eq!((summary.sent, summary.answered, summary.unanswered, summary.refused), (10, 10, 0, 0), "{summary}");
+    assert!(summary.republished >= 1, "{summary}");
+    assert_eq!(summary.duplicates, 0);
+    assert!(summary.passed());
+    echo.await.unwrap().unwrap();
+    drop(policy);
+}

@@ -2,7 +2,9 @@
 //! measures each task from publish to reply.
 
 use super::client::{Client, ClientError, amqp, is_error_report, persistent_json, reply_id, task_body};
-use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use hdrhistogram::Histogram;
 use lapin::options::{BasicPublishOptions, BasicQosOptions};
 use serde::Serialize;
@@ -54,8 +56,15 @@ pub struct LoadSummary {
     pub tasks: u64,
     /// Tasks kept in flight.
     pub concurrency: usize,
-    /// Tasks published and confirmed.
+    /// Tasks published (each counted once, however often it was published).
     pub sent: u64,
+    /// Publishes the broker refused (a nack, or a channel error before the confirm),
+    /// each published again after a pause: a client's duty under publisher confirms, and
+    /// what a node's restart can cause while a quorum queue elects its leader.
+    pub republished: u64,
+    /// Tasks the broker refused on every one of `PUBLISH_ATTEMPTS` attempts: never
+    /// accepted, so also counted unanswered.
+    pub refused: u64,
     /// Distinct tasks answered.
     pub answered: u64,
     /// Answers that were error reports.
@@ -87,10 +96,12 @@ impl std::fmt::Display for LoadSummary {
         let l = &self.latency;
         writeln!(
             f,
-            "tasks {} (concurrency {}): sent {}, answered {}, error reports {}, duplicates {}, unanswered {}, not sent {}",
+            "tasks {} (concurrency {}): sent {}, republished {}, refused {}, answered {}, error reports {}, duplicates {}, unanswered {}, not sent {}",
             self.tasks,
             self.concurrency,
             self.sent,
+            self.republished,
+            self.refused,
             self.answered,
             self.error_reports,
             self.duplicates,
@@ -104,6 +115,29 @@ impl std::fmt::Display for LoadSummary {
             l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
         )
     }
+}
+
+/// How often a task is published before it counts as refused, and the pause before the
+/// next attempt (times the attempts so far).
+const PUBLISH_ATTEMPTS: u32 = 5;
+const REPUBLISH_PAUSE: Duration = Duration::from_millis(200);
+
+/// What the sender counted.
+#[derive(Debug, Default)]
+struct Sends {
+    sent: u64,
+    republished: u64,
+    refused: u64,
+}
+
+/// What the sender waits for besides permits.
+enum Event {
+    /// The broker confirmed a publish.
+    Accepted,
+    /// The broker refused attempt `attempt` of task `id` (`body`).
+    Refused { id: u64, attempt: u32, body: Vec<u8> },
+    /// The pause after a refusal is over: publish the task again.
+    Again { id: u64, attempt: u32, body: Vec<u8> },
 }
 
 /// Per-task bookkeeping shared by the sender and the receiver.
@@ -134,45 +168,62 @@ pub async fn load(
         let task_queue = client.task_queue.clone();
         tokio::spawn(async move {
             let mut rng = options.seed | 1;
-            let mut confirms = futures_util::stream::FuturesUnordered::new();
-            let mut sent = 0u64;
-            for id in 0..options.tasks {
-                let permit = tokio::select! {
+            let mut sends = Sends::default();
+            // Confirms and the pauses before a refused task is published again.
+            let mut pending = FuturesUnordered::<BoxFuture<'static, Event>>::new();
+            let mut next_id = 0u64;
+            while next_id < options.tasks || !pending.is_empty() {
+                let (id, attempt, body) = tokio::select! {
+                    biased;
                     _ = stop.cancelled() => break,
-                    permit = Arc::clone(&permits).acquire_owned() => permit,
+                    Some(event) = pending.next(), if !pending.is_empty() => match event {
+                        Event::Accepted => continue,
+                        Event::Refused { id, attempt, body } if attempt < PUBLISH_ATTEMPTS => {
+                            sends.republished += 1;
+                            pending.push(async move {
+                                tokio::time::sleep(REPUBLISH_PAUSE * attempt).await;
+                                Event::Again { id, attempt: attempt + 1, body }
+                            }.boxed());
+                            continue;
+                        }
+                        Event::Refused { .. } => {
+                            // Never to be answered: its slot goes to the next task.
+                            sends.refused += 1;
+                            permits.add_permits(1);
+                            continue;
+                        }
+                        Event::Again { id, attempt, body } => (id, attempt, body),
+                    },
+                    permit = Arc::clone(&permits).acquire_owned(), if next_id < options.tasks => {
+                        // Released by the receiver when the reply arrives.
+                        if let Ok(permit) = permit {
+                            permit.forget();
+                        }
+                        let id = next_id;
+                        next_id += 1;
+                        let phones =
+                            if options.disjoint { disjoint_phones(id, &options) } else { pick_phones(&mut rng, &options) };
+                        ledger.lock().sent_at[id as usize] = Some(Instant::now());
+                        sends.sent += 1;
+                        (id, 1, task_body(id, &phones))
+                    }
                 };
-                // Released by the receiver when the reply arrives.
-                if let Ok(permit) = permit {
-                    permit.forget();
-                }
-                let phones =
-                    if options.disjoint { disjoint_phones(id, &options) } else { pick_phones(&mut rng, &options) };
                 let properties = persistent_json().with_reply_to(queue.clone());
-                ledger.lock().sent_at[id as usize] = Some(Instant::now());
                 let published = channel
-                    .basic_publish(
-                        "".into(),
-                        task_queue.clone(),
-                        BasicPublishOptions::default(),
-                        &task_body(id, &phones),
-                        properties,
-                    )
+                    .basic_publish("".into(), task_queue.clone(), BasicPublishOptions::default(), &body, properties)
                     .await;
-                match published {
-                    Ok(confirm) => confirms.push(confirm),
-                    Err(_) => break,
-                }
-                sent += 1;
-                // Reap confirms as they come, without waiting for each.
-                while let Some(Some(_)) = futures_util::FutureExt::now_or_never(confirms.next()) {}
+                let Ok(confirm) = published else { break };
+                pending.push(
+                    async move {
+                        match confirm.await {
+                            Ok(lapin::Confirmation::Ack(_)) => Event::Accepted,
+                            _ => Event::Refused { id, attempt, body },
+                        }
+                    }
+                    .boxed(),
+                );
             }
-            let mut unconfirmed = 0u64;
-            while let Some(confirm) = confirms.next().await {
-                if !matches!(confirm, Ok(lapin::Confirmation::Ack(_))) {
-                    unconfirmed += 1;
-                }
-            }
-            (sent, unconfirmed)
+            sends
         })
     };
 
@@ -206,7 +257,7 @@ pub async fn load(
     }
     let elapsed = started.elapsed();
     stop.cancel();
-    let (sent, _unconfirmed) = sender.await.unwrap_or((0, 0));
+    let sends = sender.await.unwrap_or_default();
     let ms = |micros: u64| micros as f64 / 1000.0;
     let latency = Latency {
         p50_ms: ms(histogram.value_at_quantile(0.50)),
@@ -218,12 +269,14 @@ pub async fn load(
     Ok(LoadSummary {
         tasks: options.tasks,
         concurrency: options.concurrency,
-        sent,
+        sent: sends.sent,
+        republished: sends.republished,
+        refused: sends.refused,
         answered,
         error_reports: errors,
         duplicates,
-        unanswered: sent.saturating_sub(answered),
-        not_sent: options.tasks - sent,
+        unanswered: sends.sent.saturating_sub(answered),
+        not_sent: options.tasks - sends.sent,
         elapsed_s: elapsed.as_secs_f64(),
         throughput_per_s: answered as f64 / elapsed.as_secs_f64().max(1e-9),
         latency,
