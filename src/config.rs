@@ -7,6 +7,7 @@
 
 use crate::broker::{AmqpAddresses, TlsSettings, redact};
 use crate::delivery::topology::QueueType;
+use crate::platform::heap::HugePages;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
@@ -26,7 +27,7 @@ pub struct Setting {
 
 /// Every setting, in README order. Defaults are stated here and nowhere else in code;
 /// each number's accepted range is in [`Config::from_vars`] and the README.
-pub const SETTINGS: [Setting; 27] = [
+pub const SETTINGS: [Setting; 28] = [
     Setting {
         variable: "AMQP_URL",
         default: Some("amqp://guest:guest@127.0.0.1:5672/%2f"),
@@ -107,6 +108,11 @@ pub const SETTINGS: [Setting; 27] = [
         default: Some("1"),
         help: "threads of the async runtime, which awaits the broker (the CPU work runs on WORKER_THREADS)",
     },
+    Setting {
+        variable: "TRANSPARENT_HUGE_PAGES",
+        default: Some("off"),
+        help: "off: the process opts out of transparent huge pages; system: the system's policy applies",
+    },
     Setting { variable: "HTTP_ADDR", default: Some("127.0.0.1:9090"), help: "address of /health and /metrics" },
     Setting { variable: "SHUTDOWN_TIMEOUT_SECS", default: Some("30"), help: "drain limit on SIGTERM/SIGINT" },
     Setting { variable: "RUST_LOG", default: Some("info"), help: "log filter (tracing EnvFilter syntax)" },
@@ -170,6 +176,9 @@ pub struct Config {
     pub worker_threads: NonZeroUsize,
     /// `ASYNC_THREADS`.
     pub async_threads: NonZeroUsize,
+    /// `TRANSPARENT_HUGE_PAGES`: applied by the binary before any thread starts (see
+    /// [`HugePages`]).
+    pub huge_pages: HugePages,
     /// `HTTP_ADDR`.
     pub http_addr: SocketAddr,
     /// `SHUTDOWN_TIMEOUT_SECS`.
@@ -225,6 +234,11 @@ impl Config {
                 None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
             },
             async_threads: get("ASYNC_THREADS").positive(1, 1024, usize_non_zero)?,
+            huge_pages: match get("TRANSPARENT_HUGE_PAGES").raw.map(str::trim) {
+                Some("off") => HugePages::Off,
+                Some("system") => HugePages::System,
+                _ => return Err(get("TRANSPARENT_HUGE_PAGES").error("off or system")),
+            },
             http_addr: get("HTTP_ADDR").parse("a socket address such as 127.0.0.1:9090")?,
             shutdown_timeout: Duration::from_secs(get("SHUTDOWN_TIMEOUT_SECS").number(1, 3_600)?),
             log_filter: get("RUST_LOG").text()?,
@@ -413,6 +427,15 @@ mod tests {
         assert_eq!((c.max_attempts.get(), c.retry_delay), (5, Duration::from_secs(1)));
         assert_eq!(c.worker_threads, std::thread::available_parallelism().unwrap());
         assert_eq!(c.async_threads.get(), 1);
+        assert_eq!(c.huge_pages, HugePages::Off);
+    }
+
+    #[test]
+    fn transparent_huge_pages_are_off_or_left_to_the_system() {
+        assert_eq!(config(&[("TRANSPARENT_HUGE_PAGES", "system")]).unwrap().huge_pages, HugePages::System);
+        assert_eq!(config(&[("TRANSPARENT_HUGE_PAGES", "off")]).unwrap().huge_pages, HugePages::Off);
+        let err = config(&[("TRANSPARENT_HUGE_PAGES", "always")]).unwrap_err();
+        assert_eq!(err.to_string(), "invalid TRANSPARENT_HUGE_PAGES=\"always\": expected off or system");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! report-service: the worker (no subcommand), `report` (one report without a broker)
 //! and `healthcheck` (for container health checks).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 /// mimalloc: the service allocates for every message (lapin's frames, the task, the
 /// report); with glibc's malloc that cost about a quarter of its CPU per task under load
@@ -74,6 +74,8 @@ fn main() -> Result<()> {
     let matches = Cli::command().args(config::flags(|_| true)).get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
     let config = Config::from_env_and_flags(&matches)?;
+    // Before the runtime and the pool start any thread (`platform::heap`).
+    heap::apply_huge_pages(config.huge_pages).context("cannot apply TRANSPARENT_HUGE_PAGES")?;
     // One thread by default: it only awaits the broker (the consume loop drives every
     // light task as one future; CPU work runs on the pool), and a second one cost the
     // worker a tenth more CPU per message in wake-ups between the two (README,

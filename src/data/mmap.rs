@@ -2,12 +2,12 @@
 //! from outside the process (that data.json is replaced by rename, never rewritten in
 //! place: see [`Mapping::new`]).
 //!
-//! The crate holds eight `unsafe` blocks and one `unsafe trait`, each with its `SAFETY`
+//! The crate holds nine `unsafe` blocks and one `unsafe trait`, each with its `SAFETY`
 //! note: the mapping here and its one caller (`Dataset::open`); the mapping of an index
 //! file and the view of its arrays in place (`data::index::store`, `data::index::table`,
 //! whose `Word` trait says which types may be viewed so); the run-time AVX2 dispatch and
 //! the prefetch hint in `data::prefetch`; setting `RUST_MIN_STACK` before any thread exists
-//! (`platform::stack`); and `malloc_trim` (`platform::heap`).
+//! (`platform::stack`); and `malloc_trim` and `prctl` (`platform::heap`).
 //!
 //! The mapping is read-only and shared. It owns the open file, so the mapped inode stays
 //! alive even when data.json is replaced by rename; the reload watcher then maps the new

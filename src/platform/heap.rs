@@ -1,5 +1,16 @@
-//! The process's heap: giving the index build's peak back to the operating system, and
-//! how much of it is resident.
+//! The process's heap: its page size (transparent huge pages or not), giving the index
+//! build's peak back to the operating system, and how much of it is resident.
+//!
+//! Transparent huge pages ([`HugePages`]): mimalloc asks the kernel for huge pages on
+//! its arenas (`madvise(MADV_HUGEPAGE)`), so under the common `madvise` policy every
+//! fresh page of an index build is a 2 MiB page the kernel zeroes on first touch. On this
+//! project's 2-core VMs, whose host takes back memory the guest frees, a huge page
+//! touched for the first time after a few idle seconds cost 4-5x a small page (1 GiB:
+//! 2.1-2.8 s against 0.5-0.7 s), and a first build of a time-ordered file took 1.1-1.7 s
+//! instead of 0.44-0.62 s (README, "Performance"). Served afterwards, the index is a
+//! mapped file and the heap small; the worker's CPU per task was the same either way.
+//! So by default the process opts out (`PR_SET_THP_DISABLE`: inherited by threads, and
+//! by children across `exec`), before any thread starts.
 //!
 //! Building the index of a time-ordered file or a phone book holds each span's phone
 //! beside it until its bucket is grouped: a peak of about 24 bytes per record. Freed, that
@@ -22,6 +33,36 @@
 
 use crate::platform::pool::WorkerPool;
 use std::sync::OnceLock;
+
+/// Whether the process uses transparent huge pages (`TRANSPARENT_HUGE_PAGES`, default
+/// `off`): see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HugePages {
+    /// The process opts out: its heap and mappings are in small pages.
+    Off,
+    /// The system's policy applies (`/sys/kernel/mm/transparent_hugepage/enabled`),
+    /// and mimalloc asks for huge pages where that policy lets it.
+    System,
+}
+
+/// Applies `policy` to the whole process. Call it before any thread starts, so every
+/// page the process touches is covered (the setting holds for pages faulted in after
+/// it). `System` changes nothing: a process started with huge pages disabled (a parent's
+/// choice, inherited) stays so. Outside Linux there is nothing to set.
+pub fn apply_huge_pages(policy: HugePages) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if policy == HugePages::Off {
+        // SAFETY: `PR_SET_THP_DISABLE` takes integers only and changes a flag of this
+        // process's memory map; no memory of ours is read or written.
+        let done = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+        if done != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = policy;
+    Ok(())
+}
 
 static COLLECTOR: OnceLock<fn()> = OnceLock::new();
 

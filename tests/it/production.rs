@@ -134,6 +134,39 @@ async fn health_is_503_while_the_broker_is_unreachable_and_200_once_attached() {
     assert_eq!(report["data"], expected_data(&records, &[1, 2]));
 }
 
+/// The `THP_enabled` line of a process's `/proc/PID/status`: 0 when it opted out of
+/// transparent huge pages (`PR_SET_THP_DISABLE`), 1 when the system's policy applies.
+fn thp_enabled(pid: u32) -> u8 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let line = status.lines().find_map(|l| l.strip_prefix("THP_enabled:")).expect("a THP_enabled line (Linux 5.0+)");
+    line.trim().parse().expect("0 or 1")
+}
+
+/// The binary opts out of transparent huge pages by default, before its threads start
+/// (so the pool's first index build is in small pages: README, "Performance"), and
+/// leaves the process as it found it with `TRANSPARENT_HUGE_PAGES=system`.
+#[tokio::test]
+async fn the_worker_opts_out_of_transparent_huge_pages_unless_told_to_follow_the_system() {
+    let inherited = thp_enabled(std::process::id());
+    for (settings, expected) in [(&[][..], 0), (&[("TRANSPARENT_HUGE_PAGES", "system")][..], inherited)] {
+        let names = Names::unique("thp");
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _) = data_file(dir.path(), 10, 10);
+        let _queues = Client::new(&names).await;
+        let mut worker = Worker::start(&names, &data, dir.path(), settings);
+        worker.wait_for(READY);
+        let pool_thread = std::fs::read_dir(format!("/proc/{}/task", worker.child.id()))
+            .unwrap()
+            .filter_map(|t| t.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|&tid| tid != worker.child.id())
+            .expect("the worker runs threads");
+        assert_eq!(thp_enabled(worker.child.id()), expected, "{settings:?}");
+        assert_eq!(thp_enabled(pool_thread), expected, "a thread: {settings:?}");
+        worker.terminate();
+        assert!(worker.wait_exit(std::time::Duration::from_secs(30)).success());
+    }
+}
+
 #[cfg(feature = "tls")]
 mod tls {
     use super::*;
