@@ -1,9 +1,10 @@
 //! The `data_index` fuzz target's check, shared with the corpus replay in the test suite
 //! (`tests/it/fuzz_replay.rs`): any bytes as data.json: never a panic or a hang; the
-//! serial, single-bucket and the speculative parallel, bucketed index builds agree (same
+//! serial, single-bucket build and the speculative parallel, bucketed ones, with regions
+//! keeping per-phone lists to the end or moving them into buckets part way, agree (same
 //! phones and spans, or the same first error).
 
-use report_service::data::{BuildShape, PhoneIndex};
+use report_service::data::{BuildShape, DataError, PhoneIndex};
 use report_service::platform::pool::WorkerPool;
 use std::sync::OnceLock;
 
@@ -13,9 +14,15 @@ fn pool() -> &'static WorkerPool {
 }
 
 pub(crate) fn check(data: &[u8]) {
-    let serial = PhoneIndex::build_shaped(data, pool(), BuildShape { regions: 1, bucket_bits: 0 });
-    let parallel = PhoneIndex::build_shaped(data, pool(), BuildShape { regions: 5, bucket_bits: 3 });
-    match (&serial, &parallel) {
+    let serial = PhoneIndex::build_shaped(data, pool(), BuildShape { regions: 1, bucket_bits: 0, few_phones: 0 });
+    for few_phones in [2, 4096] {
+        let parallel = PhoneIndex::build_shaped(data, pool(), BuildShape { regions: 5, bucket_bits: 3, few_phones });
+        agree(&serial, &parallel);
+    }
+}
+
+fn agree(serial: &Result<PhoneIndex, DataError>, parallel: &Result<PhoneIndex, DataError>) {
+    match (serial, parallel) {
         (Ok(a), Ok(b)) => {
             assert_eq!(a.summary().records, b.summary().records);
             assert_eq!(a.summary().negative_durations, b.summary().negative_durations);

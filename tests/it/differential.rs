@@ -35,25 +35,32 @@ fn style() -> impl Strategy<Value = Style> {
     prop_oneof![Just(Style::Compact), any::<u64>().prop_map(|seed| Style::Varied { seed })]
 }
 
-/// A build cut into `regions` regions and `1 << bucket_bits` buckets.
-fn shape(regions: usize, bucket_bits: u32) -> Option<BuildShape> {
-    Some(BuildShape { regions, bucket_bits })
+/// A build cut into `regions` regions and `1 << bucket_bits` buckets, each region keeping
+/// per-phone lists for up to `few_phones` phones (0: buckets only).
+fn shape(regions: usize, bucket_bits: u32, few_phones: usize) -> Option<BuildShape> {
+    Some(BuildShape { regions, bucket_bits, few_phones })
+}
+
+/// How many phones a region keeps lists for: none, few enough that regions move theirs
+/// into buckets part way, or as many as the service does.
+fn few_phones() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(0usize), 1usize..=3, Just(4096)]
 }
 
 /// Asserts the fast path equals the reference for `phones` on `bytes`, indexing with
-/// `threads` threads, `regions` regions and `1 << bucket_bits` buckets.
+/// `threads` threads, `regions` regions, `1 << bucket_bits` buckets and per-phone lists
+/// for up to `few_phones` phones a region.
 fn assert_agrees(
     bytes: &[u8],
     phones: &[u64],
     threads: usize,
-    regions: usize,
-    bucket_bits: u32,
+    (regions, bucket_bits, few_phones): (usize, u32, usize),
 ) -> Result<(), TestCaseError> {
     let records = reference_parse(bytes).map_err(|e| TestCaseError::fail(format!("test data invalid: {e}")))?;
     let (_dir, path) = temp_file(bytes);
     let pool = pool(threads);
     let dataset = Segments::single(
-        Dataset::open_with(&path, &pool, shape(regions, bucket_bits))
+        Dataset::open_with(&path, &pool, shape(regions, bucket_bits, few_phones))
             .map_err(|e| TestCaseError::fail(e.to_string()))?,
     );
     let phones = dedup_phones(phones.iter().copied());
@@ -78,8 +85,9 @@ proptest! {
         threads in 1usize..=3,
         regions in 1usize..=9,
         bucket_bits in 0u32..=4,
+        few_phones in few_phones(),
     ) {
-        assert_agrees(&render(&records, style), &phones, threads, regions, bucket_bits)?;
+        assert_agrees(&render(&records, style), &phones, threads, (regions, bucket_bits, few_phones))?;
     }
 
 }
@@ -98,6 +106,7 @@ proptest! {
         byte in prop::sample::select(b"{}[],:\"\\ \n0123456789-+.eEtfnulx\x00\xff".to_vec()),
         regions in 1usize..=4,
         bucket_bits in 0u32..=3,
+        few_phones in few_phones(),
     ) {
         let mut bytes = render(&records, style);
         let at = at.index(bytes.len());
@@ -105,7 +114,7 @@ proptest! {
         let reference = reference_parse(&bytes);
         let (_dir, path) = temp_file(&bytes);
         let pool = pool(2);
-        let ours = Dataset::open_with(&path, &pool, shape(regions, bucket_bits));
+        let ours = Dataset::open_with(&path, &pool, shape(regions, bucket_bits, few_phones));
         prop_assert_eq!(ours.is_ok(), reference.is_ok(), "ours: {:?}\nreference: {:?}\ndata: {}", ours.as_ref().err(), reference.as_ref().err(), String::from_utf8_lossy(&bytes));
         if let (Ok(dataset), Ok(records)) = (ours, reference) {
             let phones: Vec<u64> = dedup_phones(records.iter().map(|r| r.phone));
@@ -123,7 +132,7 @@ proptest! {
         let close = bytes.iter().rposition(|&b| b == b']').expect("array end");
         let cut = cut.index(close);
         let (_dir, path) = temp_file(&bytes[..cut]);
-        prop_assert!(Dataset::open_with(&path, &pool(2), shape(3, 2)).is_err());
+        prop_assert!(Dataset::open_with(&path, &pool(2), shape(3, 2, 4096)).is_err());
     }
 }
 
@@ -144,8 +153,11 @@ fn datagen_layouts_agree_with_the_reference_under_parallel_indexing() {
         let mut phones: Vec<u64> = (79_161_234_558..79_161_234_569).collect();
         phones.push(0);
         for (threads, regions, bucket_bits) in [(1, 1, 0), (2, 8, 3), (2, 31, 12)] {
-            assert_agrees(&bytes, &phones, threads, regions, bucket_bits)
-                .unwrap_or_else(|e| panic!("{options:?} {threads}x{regions}x{bucket_bits}: {e}"));
+            for few_phones in [0, 2, 4096] {
+                assert_agrees(&bytes, &phones, threads, (regions, bucket_bits, few_phones)).unwrap_or_else(|e| {
+                    panic!("{options:?} {threads}x{regions}x{bucket_bits}, {few_phones} lists: {e}")
+                });
+            }
         }
     }
 }

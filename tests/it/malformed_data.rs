@@ -12,7 +12,7 @@ const GOOD: &str = r#"{"phone":1,"start_date":1000,"end_date":2000}"#;
 
 fn open(bytes: &[u8], regions: usize) -> Result<Dataset, DataError> {
     let (_dir, path) = temp_file(bytes);
-    Dataset::open_with(&path, &pool(2), Some(BuildShape { regions, bucket_bits: 2 }))
+    Dataset::open_with(&path, &pool(2), Some(BuildShape { regions, bucket_bits: 2, few_phones: 4096 }))
 }
 
 /// Offset, expectation and what was found, identical for 1 and 4 regions.

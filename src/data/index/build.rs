@@ -7,12 +7,16 @@
 //! really ended at its start; otherwise it is scanned again from the true boundary, so
 //! the result (and the first error) is exactly that of a serial scan.
 //!
-//! While scanning, each region drops every (phone, span) it finds into the bucket of its
-//! phone (see `bucket_of`). Grouping then never sorts the whole file's spans: each
-//! bucket (a few thousand spans, cache-sized) is gathered from the regions in file order
-//! and sorted by (phone, offset) on its own, in parallel, straight into its place in the
-//! final span table. On a time-ordered file of 20 M records this is what took the build
-//! from 1.1-1.3 s to under 0.6 s.
+//! While scanning, a region that has met few phones (up to `FEW_PHONES`: a call log of a
+//! few hundred lines) keeps each phone's spans in a list of its own; the lists are then
+//! joined phone by phone, in file order, straight into the final span table. Past that,
+//! the region drops every (phone, span) it finds into the bucket of its phone (see
+//! `bucket_of`), and grouping never sorts the whole file's spans: each bucket (a few
+//! thousand spans, cache-sized) is gathered from the regions in file order and sorted by
+//! (phone, offset) on its own, in parallel, straight into its place in the final span
+//! table. On a time-ordered file of 20 M records the buckets took the build from 1.1-1.3 s
+//! to under 0.6 s; the lists, which hold a span without its phone (8 bytes, not 16), took
+//! its peak heap from 29 to 18 bytes a record. Both give the same index.
 
 use super::spans::{IndexSummary, MAX_FILE_LEN, MAX_RECORD_LEN, MAX_SPAN_LEN, PhoneIndex, Span, bucket_of};
 use crate::data::error::DataError;
@@ -45,6 +49,9 @@ pub struct BuildShape {
     pub regions: usize,
     /// log2 of the number of hash buckets phones are grouped into.
     pub bucket_bits: u32,
+    /// How many phones a region keeps a list of its own for before it moves them into
+    /// buckets (see [`FEW_PHONES`]); 0 puts every span in a bucket from the start.
+    pub few_phones: usize,
 }
 
 impl BuildShape {
@@ -53,7 +60,7 @@ impl BuildShape {
         let regions = if len < PARALLEL_MIN_LEN { 1 } else { threads * REGIONS_PER_THREAD };
         let most_spans = len / MIN_RECORD_LEN;
         let buckets = most_spans.div_ceil(SPANS_PER_BUCKET).max(1).next_power_of_two();
-        BuildShape { regions, bucket_bits: buckets.trailing_zeros().min(MAX_BUCKET_BITS) }
+        BuildShape { regions, bucket_bits: buckets.trailing_zeros().min(MAX_BUCKET_BITS), few_phones: FEW_PHONES }
     }
 }
 
@@ -79,32 +86,38 @@ impl PhoneIndex {
             check_end(bytes, body + 1)?;
             Vec::new()
         } else {
-            scan_regions(bytes, body, pool, shape.regions.max(1), bits)?
+            scan_regions(bytes, body, pool, Cut { parts: shape.regions.max(1), bits, few: shape.few_phones })?
         };
         Ok(pool.threads().install(|| group_by_phone(regions, bits)))
     }
 }
 
-/// (phone, span) items in file order, in chunks that grow geometrically up to 64 Ki
-/// items (1 MiB): unlike a `Vec` that doubles, growing never copies what is there or
-/// holds twice the memory, and thousands of small per-bucket lists stay small.
+/// Items in file order, in chunks that grow geometrically up to 64 Ki items (1 MiB of
+/// (phone, span) items): unlike a `Vec` that doubles, growing never copies what is there
+/// or holds twice the memory, and thousands of small lists stay small.
 ///
 /// The chunk being filled is kept apart from the full ones, inline in the region's
-/// array of buckets: a push reads the bucket's own three words and writes the item,
-/// with no second pointer to follow (every record of a time-ordered file is pushed to
-/// a bucket chosen by its phone, so that load sat on the scan's critical path).
-#[derive(Debug, Default)]
-struct Items {
-    current: Vec<(u64, Span)>,
-    full: Vec<Vec<(u64, Span)>>,
+/// array of lists: a push reads the list's own three words and writes the item, with no
+/// second pointer to follow (every record of a time-ordered file is pushed to a list
+/// chosen by its phone, so that load sat on the scan's critical path).
+#[derive(Debug)]
+struct Chunks<T> {
+    current: Vec<T>,
+    full: Vec<Vec<T>>,
 }
 
-impl Items {
+impl<T> Default for Chunks<T> {
+    fn default() -> Chunks<T> {
+        Chunks { current: Vec::new(), full: Vec::new() }
+    }
+}
+
+impl<T: Copy> Chunks<T> {
     const FIRST_CHUNK: usize = 16;
     const MAX_CHUNK: usize = 1 << 16;
 
     #[inline]
-    fn push(&mut self, item: (u64, Span)) {
+    fn push(&mut self, item: T) {
         if self.current.len() == self.current.capacity() {
             self.next_chunk();
         }
@@ -115,8 +128,8 @@ impl Items {
     #[inline(never)]
     fn next_chunk(&mut self) {
         let capacity = match self.current.capacity() {
-            0 => Items::FIRST_CHUNK,
-            full => (full * 2).min(Items::MAX_CHUNK),
+            0 => Self::FIRST_CHUNK,
+            full => (full * 2).min(Self::MAX_CHUNK),
         };
         let filled = std::mem::replace(&mut self.current, Vec::with_capacity(capacity));
         if !filled.is_empty() {
@@ -133,13 +146,121 @@ impl Items {
     }
 
     /// The chunks, in file order.
-    fn chunks(&self) -> impl Iterator<Item = &Vec<(u64, Span)>> {
+    fn chunks(&self) -> impl Iterator<Item = &Vec<T>> {
         self.full.iter().chain(std::iter::once(&self.current))
     }
 
     /// The chunks, in file order, consumed.
-    fn into_chunks(self) -> impl Iterator<Item = Vec<(u64, Span)>> {
+    fn into_chunks(self) -> impl Iterator<Item = Vec<T>> {
         self.full.into_iter().chain(std::iter::once(self.current))
+    }
+}
+
+/// (phone, span) items of one hash bucket.
+type Items = Chunks<(u64, Span)>;
+
+/// Up to this many distinct phones, a region keeps each phone's spans in a list of its
+/// own (8 bytes a span) rather than each span with its phone in its phone's hash bucket
+/// (16 bytes): a time-ordered file of a few hundred phones has a span per record, and
+/// the memory those items take is what its build spends most on (the kernel zeroes every
+/// fresh page: README, "Performance"). A region that meets more phones moves its lists
+/// into buckets and goes on there (a phone book does so within its first few thousand
+/// records).
+const FEW_PHONES: usize = 4096;
+
+/// A region's spans while it has met at most [`FEW_PHONES`] phones: each phone's in file
+/// order, in a list of its own.
+#[derive(Debug, Default)]
+struct FewPhones {
+    /// The most phones it keeps lists for.
+    limit: usize,
+    /// Phone -> its position in `lists`.
+    slots: ahash::AHashMap<u64, usize>,
+    /// Each phone met and its spans, in the order the phones were met.
+    lists: Vec<(u64, Chunks<Span>)>,
+    /// The position of the phone pushed last (consecutive spans of one phone are common
+    /// even where records alternate between a few phones).
+    last: usize,
+}
+
+impl FewPhones {
+    /// Adds `span` to `phone`'s list; false (and nothing added) when `phone` is new and
+    /// there is no room for another list.
+    #[inline]
+    fn push(&mut self, (phone, span): (u64, Span)) -> bool {
+        if let Some((last, list)) = self.lists.get_mut(self.last)
+            && *last == phone
+        {
+            list.push(span);
+            return true;
+        }
+        let slot = match self.slots.get(&phone) {
+            Some(&slot) => slot,
+            None if self.lists.len() >= self.limit => return false,
+            None => {
+                self.slots.insert(phone, self.lists.len());
+                self.lists.push((phone, Chunks::default()));
+                self.lists.len() - 1
+            }
+        };
+        self.last = slot;
+        self.lists[slot].1.push(span);
+        true
+    }
+
+    /// The same spans as items of `1 << bits` buckets. Within a bucket they are in file
+    /// order phone by phone, not across phones: grouping sorts them (`group_bucket`).
+    fn into_buckets(self, bits: u32) -> Vec<Items> {
+        let mut buckets: Vec<Items> = (0..1usize << bits).map(|_| Items::default()).collect();
+        for (phone, list) in self.lists {
+            let bucket = &mut buckets[bucket_of(phone, bits)];
+            for chunk in list.into_chunks() {
+                for span in chunk {
+                    bucket.push((phone, span));
+                }
+            }
+        }
+        buckets
+    }
+}
+
+/// Where a region puts its items.
+#[derive(Debug)]
+enum Sink {
+    /// A list per phone, while the region has met few phones.
+    Few(FewPhones),
+    /// Items by hash bucket of their phone; within a bucket, in file order (but for
+    /// those a region moved here from its per-phone lists, see `FewPhones::into_buckets`).
+    Buckets(Vec<Items>),
+}
+
+impl Sink {
+    /// Its items by bucket, whichever way they were kept.
+    fn into_buckets(self, bits: u32) -> Vec<Items> {
+        match self {
+            Sink::Few(few) => few.into_buckets(bits),
+            Sink::Buckets(buckets) => buckets,
+        }
+    }
+
+    /// Its spans by phone, each phone's in file order, whichever way they were kept.
+    fn into_lists(self) -> Vec<(u64, Chunks<Span>)> {
+        match self {
+            Sink::Few(few) => few.lists,
+            Sink::Buckets(buckets) => {
+                // Within a bucket each phone's items are in file order.
+                let mut slots = ahash::AHashMap::new();
+                let mut lists: Vec<(u64, Chunks<Span>)> = Vec::new();
+                for (phone, span) in buckets.into_iter().flat_map(Items::into_chunks).flatten() {
+                    let slot = *slots.entry(phone).or_insert_with(|| {
+                        lists.push((phone, Chunks::default()));
+                        lists.len() - 1
+                    });
+                    lists[slot].1.push(span);
+                }
+                lists
+            }
+        }
     }
 }
 
@@ -160,40 +281,69 @@ struct Region {
     /// Its last item (the span still open when the scan stopped), kept apart: it may go
     /// on in the next region. `None` when the region had a single item (then in `head`).
     tail: Option<(u64, Span)>,
-    /// Every other item, by bucket of its phone; within a bucket, in file order.
-    buckets: Vec<Items>,
+    /// Every other item, by phone or by bucket of its phone.
+    sink: Sink,
     records: u64,
     negative_durations: u64,
     end: RegionEnd,
 }
 
 impl Region {
-    fn new(start: usize, bits: u32) -> Region {
+    fn new(start: usize, few_phones: usize) -> Region {
         Region {
             head: None,
             tail: None,
-            buckets: (0..1usize << bits).map(|_| Items::default()).collect(),
+            sink: Sink::Few(FewPhones { limit: few_phones, ..FewPhones::default() }),
             records: 0,
             negative_durations: 0,
             end: RegionEnd::Boundary(start),
         }
     }
 
-    /// A finished item: the head if it is the first, else into its bucket.
+    /// A finished item: the head if it is the first, else into its phone's list or
+    /// bucket.
     #[inline]
     fn emit(&mut self, item: (u64, Span), bits: u32) {
         if self.head.is_none() {
             self.head = Some(item);
-        } else {
-            self.buckets[bucket_of(item.0, bits)].push(item);
+            return;
+        }
+        match &mut self.sink {
+            Sink::Buckets(buckets) => buckets[bucket_of(item.0, bits)].push(item),
+            Sink::Few(few) => {
+                if !few.push(item) {
+                    self.many_phones(item, bits);
+                }
+            }
         }
     }
+
+    /// The region met more than [`FEW_PHONES`] phones: its lists become buckets, and
+    /// `item` goes into its bucket.
+    #[cold]
+    #[inline(never)]
+    fn many_phones(&mut self, item: (u64, Span), bits: u32) {
+        let few = std::mem::replace(&mut self.sink, Sink::Buckets(Vec::new()));
+        let mut buckets = few.into_buckets(bits);
+        buckets[bucket_of(item.0, bits)].push(item);
+        self.sink = Sink::Buckets(buckets);
+    }
+}
+
+/// How the scan keeps what it finds: `1 << bits` buckets, and per-phone lists for up to
+/// `few` phones a region (see [`BuildShape`]).
+#[derive(Debug, Clone, Copy)]
+struct Cut {
+    parts: usize,
+    bits: u32,
+    few: usize,
 }
 
 /// Scans records from `start` (a record boundary) until the first record boundary at
 /// or after `stop`, or the end of the array.
-fn scan_region(bytes: &[u8], start: usize, stop: usize, bits: u32) -> Result<Region, DataError> {
-    let mut region = Region::new(start, bits);
+fn scan_region(bytes: &[u8], start: usize, stop: usize, cut: Cut) -> Result<Region, DataError> {
+    let bits = cut.bits;
+    let mut region = Region::new(start, cut.few);
     let mut pos = start;
     // The open span: (phone, start, end).
     let mut open: Option<(u64, usize, usize)> = None;
@@ -253,13 +403,8 @@ fn check_end(bytes: &[u8], after_array: usize) -> Result<(), DataError> {
 
 /// Scans the array body from `body` (the first record) in parallel regions and returns
 /// them in file order, each starting where the previous one really ended.
-fn scan_regions(
-    bytes: &[u8],
-    body: usize,
-    pool: &WorkerPool,
-    parts: usize,
-    bits: u32,
-) -> Result<Vec<Region>, DataError> {
+fn scan_regions(bytes: &[u8], body: usize, pool: &WorkerPool, cut: Cut) -> Result<Vec<Region>, DataError> {
+    let parts = cut.parts;
     let mut starts = vec![body];
     for k in 1..parts {
         let from = body + (bytes.len() - body) * k / parts;
@@ -270,7 +415,7 @@ fn scan_regions(
     }
     let stop_of = |k: usize| starts.get(k + 1).copied().unwrap_or(usize::MAX);
     let mut speculative: Vec<Option<Result<Region, DataError>>> = pool.threads().install(|| {
-        (0..starts.len()).into_par_iter().map(|k| Some(scan_region(bytes, starts[k], stop_of(k), bits))).collect()
+        (0..starts.len()).into_par_iter().map(|k| Some(scan_region(bytes, starts[k], stop_of(k), cut))).collect()
     });
 
     let mut regions = Vec::with_capacity(starts.len());
@@ -279,7 +424,7 @@ fn scan_regions(
         let result = match result.take() {
             Some(result) if starts[k] == next => result,
             // The speculation started at a false boundary: scan from the true one.
-            _ => scan_region(bytes, next, stop_of(k), bits),
+            _ => scan_region(bytes, next, stop_of(k), cut),
         };
         let region = result?;
         let end = region.end;
@@ -337,15 +482,13 @@ fn join_edges(regions: &mut [Region]) -> Vec<(u64, Span)> {
     let mut carry: Option<(u64, Span)> = None;
     for region in regions {
         if let Some(head) = region.head.take() {
-            carry = match carry {
-                Some((phone, span)) if phone == head.0 && head.1.end() - span.start() <= MAX_SPAN_LEN => {
-                    Some((phone, Span::new(span.start(), head.1.end())))
-                }
-                previous => {
-                    edges.extend(previous);
-                    Some(head)
-                }
-            };
+            carry = Some(match carry {
+                Some(previous) => joined(previous, head).unwrap_or_else(|| {
+                    edges.push(previous);
+                    head
+                }),
+                None => head,
+            });
         }
         if let Some(tail) = region.tail.take() {
             edges.extend(carry.replace(tail));
@@ -353,6 +496,15 @@ fn join_edges(regions: &mut [Region]) -> Vec<(u64, Span)> {
     }
     edges.extend(carry);
     edges
+}
+
+/// `next` (the first item of a region) appended to `previous` (the item that ends where
+/// that region starts), when it is the same phone's and the span stays within
+/// [`MAX_SPAN_LEN`].
+fn joined(previous: (u64, Span), next: (u64, Span)) -> Option<(u64, Span)> {
+    let (phone, span) = previous;
+    (phone == next.0 && next.1.end() - span.start() <= MAX_SPAN_LEN)
+        .then(|| (phone, Span::new(span.start(), next.1.end())))
 }
 
 /// What grouping one bucket produced: its phones, ascending, and where each one's spans
@@ -363,17 +515,108 @@ struct Grouped {
     starts: Vec<usize>,
 }
 
-/// Groups the regions' spans by phone, bucket by bucket in parallel (run on the pool).
-fn group_by_phone(mut regions: Vec<Region>, bits: u32) -> PhoneIndex {
-    let edges = join_edges(&mut regions);
-    let buckets = 1usize << bits;
+/// Groups the regions' spans by phone (run on the pool): by their per-phone lists when
+/// every region kept them (few phones), else bucket by bucket. Either way gives the same
+/// index.
+fn group_by_phone(regions: Vec<Region>, bits: u32) -> PhoneIndex {
+    if regions.iter().all(|region| matches!(region.sink, Sink::Few(_))) {
+        group_few(regions, bits)
+    } else {
+        group_buckets(regions, bits)
+    }
+}
+
+/// Groups the spans of regions that kept a list per phone: each phone's lists joined in
+/// file order with the items at the regions' edges (joined across cuts as `join_edges`
+/// does) in their places, copied into the span table phone by phone, in parallel. No
+/// span was ever stored beside its phone, and nothing is sorted but the phones.
+fn group_few(regions: Vec<Region>, bits: u32) -> PhoneIndex {
     let mut summary = IndexSummary::default();
-    // Bucket-major: each bucket's lists from every region, in file order.
-    let mut lists: Vec<Vec<Items>> = (0..buckets).map(|_| Vec::with_capacity(regions.len())).collect();
+    // Each phone's spans, in file order, in pieces.
+    let mut pieces: ahash::AHashMap<u64, Vec<Vec<Span>>> = ahash::AHashMap::new();
+    let edge = |pieces: &mut ahash::AHashMap<u64, Vec<Vec<Span>>>, item: Option<(u64, Span)>| {
+        if let Some((phone, span)) = item {
+            pieces.entry(phone).or_default().push(vec![span]);
+        }
+    };
+    // The item that ends where the next region starts.
+    let mut carry: Option<(u64, Span)> = None;
     for region in regions {
         summary.records += region.records;
         summary.negative_durations += region.negative_durations;
-        for (bucket, items) in region.buckets.into_iter().enumerate() {
+        if let Some(head) = region.head {
+            carry = Some(match carry {
+                Some(previous) => joined(previous, head).unwrap_or_else(|| {
+                    edge(&mut pieces, Some(previous));
+                    head
+                }),
+                None => head,
+            });
+        }
+        // A region with more than one item: its first can join nothing after it, and
+        // comes before the rest.
+        if region.tail.is_some() {
+            edge(&mut pieces, carry.take());
+        }
+        for (phone, list) in region.sink.into_lists() {
+            pieces.entry(phone).or_default().extend(list.into_chunks().filter(|chunk| !chunk.is_empty()));
+        }
+        if region.tail.is_some() {
+            carry = region.tail;
+        }
+    }
+    edge(&mut pieces, carry);
+
+    let mut phones: Vec<u64> = pieces.keys().copied().collect();
+    phones.sort_unstable_by_key(|&phone| (bucket_of(phone, bits), phone));
+    let lists: Vec<Vec<Vec<Span>>> = phones.iter().map(|phone| pieces.remove(phone).unwrap_or_default()).collect();
+    let sizes: Vec<usize> = lists.iter().map(|chunks| chunks.iter().map(Vec::len).sum()).collect();
+    let total: usize = sizes.iter().sum();
+    // Filled in parallel (a gigabyte-sized file has hundreds of megabytes of spans).
+    let mut spans = Vec::with_capacity(total);
+    rayon::iter::repeat_n(Span(0), total).collect_into_vec(&mut spans);
+    let mut parts: Vec<&mut [Span]> = Vec::with_capacity(phones.len());
+    let mut rest = spans.as_mut_slice();
+    for &size in &sizes {
+        let (part, tail) = rest.split_at_mut(size);
+        parts.push(part);
+        rest = tail;
+    }
+    lists.into_par_iter().zip(parts).for_each(|(chunks, part)| {
+        let mut at = 0;
+        for chunk in chunks {
+            part[at..at + chunk.len()].copy_from_slice(&chunk);
+            at += chunk.len();
+        }
+    });
+    let mut starts = Vec::with_capacity(phones.len() + 1);
+    let mut offset = 0;
+    for size in sizes {
+        starts.push(offset);
+        offset += size;
+    }
+    starts.push(offset);
+    let bucket_starts: Vec<usize> =
+        (0..=1usize << bits).map(|bucket| phones.partition_point(|&phone| bucket_of(phone, bits) < bucket)).collect();
+    finish(bits, bucket_starts, phones, starts, spans, summary)
+}
+
+/// Groups the regions' spans by phone, bucket by bucket in parallel.
+fn group_buckets(mut regions: Vec<Region>, bits: u32) -> PhoneIndex {
+    let edges = join_edges(&mut regions);
+    let buckets = 1usize << bits;
+    let mut summary = IndexSummary::default();
+    for region in &regions {
+        summary.records += region.records;
+        summary.negative_durations += region.negative_durations;
+    }
+    // A region that kept per-phone lists moves them into buckets (in parallel: one
+    // whose first part had few phones may hold millions of spans).
+    let by_region: Vec<Vec<Items>> = regions.into_par_iter().map(|region| region.sink.into_buckets(bits)).collect();
+    // Bucket-major: each bucket's lists from every region, in file order.
+    let mut lists: Vec<Vec<Items>> = (0..buckets).map(|_| Vec::with_capacity(by_region.len())).collect();
+    for region in by_region {
+        for (bucket, items) in region.into_iter().enumerate() {
             if !items.is_empty() {
                 lists[bucket].push(items);
             }
@@ -419,11 +662,23 @@ fn group_by_phone(mut regions: Vec<Region>, bits: u32) -> PhoneIndex {
     }
     bucket_starts.push(phones.len());
     starts.push(spans.len());
+    finish(bits, bucket_starts, phones, starts, spans, summary)
+}
+
+/// The index of grouped tables, its summary completed.
+fn finish(
+    bits: u32,
+    buckets: Vec<usize>,
+    phones: Vec<u64>,
+    starts: Vec<usize>,
+    spans: Vec<Span>,
+    mut summary: IndexSummary,
+) -> PhoneIndex {
     summary.phones = phones.len();
     summary.spans = spans.len();
     let mut index = PhoneIndex {
         bucket_bits: bits,
-        buckets: bucket_starts.into(),
+        buckets: buckets.into(),
         phones: phones.into(),
         starts: starts.into(),
         spans: spans.into(),
@@ -558,35 +813,74 @@ mod tests {
         assert_eq!((summary.records, summary.phones, summary.spans, summary.negative_durations), (4, 2, 3, 1));
     }
 
+    fn shape(regions: usize, bucket_bits: u32, few_phones: usize) -> BuildShape {
+        BuildShape { regions, bucket_bits, few_phones }
+    }
+
+    /// Every table of two indexes, entry by entry.
+    fn assert_same_index(a: &PhoneIndex, b: &PhoneIndex, what: &str) {
+        assert_eq!(a.bucket_bits, b.bucket_bits, "{what}");
+        assert_eq!(&a.buckets[..], &b.buckets[..], "{what}: buckets");
+        assert_eq!(&a.phones[..], &b.phones[..], "{what}: phones");
+        assert_eq!(&a.starts[..], &b.starts[..], "{what}: starts");
+        assert_eq!(&a.spans[..], &b.spans[..], "{what}: spans");
+        let (sa, sb) = (a.summary(), b.summary());
+        assert_eq!(
+            (sa.records, sa.phones, sa.spans, sa.negative_durations),
+            (sb.records, sb.phones, sb.spans, sb.negative_durations),
+            "{what}"
+        );
+    }
+
     /// Any cut into regions and buckets gives exactly the serial, single-bucket index:
-    /// the same phones, and each phone's spans (joined across region cuts) in file order.
+    /// the same phones, and each phone's spans (joined across region cuts) in file order;
+    /// and so does keeping spans in per-phone lists, whether every region keeps them to
+    /// the end or some move them into buckets part way (`few_phones` below the phones a
+    /// region meets), against the build that puts every span in a bucket.
     #[test]
-    fn regions_and_buckets_never_change_the_index() {
+    fn regions_buckets_and_per_phone_lists_never_change_the_index() {
         let record = |phone: u64, i: usize| format!(r#"{{"phone":{phone},"start_date":{i},"end_date":{}}}"#, i + 5);
-        // Runs of one phone (joined into spans), alternations, and a phone that comes back.
-        let phones: Vec<u64> =
-            (0..3_000).map(|i: u64| if i % 97 < 40 { 7 } else { i % 13 + (i % 5) * 1_000 }).collect();
+        // Runs of one phone (joined into spans), alternations, a phone that comes back,
+        // and a stretch of 500 phones met once each (where lists overflow first).
+        let phones: Vec<u64> = (0..3_000)
+            .map(|i: u64| match i {
+                1_200..1_700 => 50_000 + i,
+                _ if i % 97 < 40 => 7,
+                _ => i % 13 + (i % 5) * 1_000,
+            })
+            .collect();
         let body: Vec<String> = phones.iter().enumerate().map(|(i, &p)| record(p, i)).collect();
         let text = format!("[{}]", body.join(","));
-        let serial =
-            PhoneIndex::build_shaped(text.as_bytes(), &pool(1), BuildShape { regions: 1, bucket_bits: 0 }).unwrap();
-        for (regions, bucket_bits) in [(2, 1), (7, 3), (31, 12)] {
-            let cut = PhoneIndex::build_shaped(text.as_bytes(), &pool(2), BuildShape { regions, bucket_bits }).unwrap();
-            assert_eq!(cut.summary().spans, serial.summary().spans, "{regions} regions, {bucket_bits} bits");
-            assert_eq!(cut.summary().records, 3_000);
+        let serial = PhoneIndex::build_shaped(text.as_bytes(), &pool(1), shape(1, 0, 0)).unwrap();
+        assert_eq!(serial.summary().records, 3_000);
+        for (regions, bucket_bits) in [(1, 0), (2, 1), (7, 3), (31, 12)] {
+            let bucketed = PhoneIndex::build_shaped(text.as_bytes(), &pool(2), shape(regions, bucket_bits, 0)).unwrap();
             for &phone in serial.phones() {
-                assert_eq!(cut.spans(phone), serial.spans(phone), "phone {phone}");
+                assert_eq!(bucketed.spans(phone), serial.spans(phone), "phone {phone}");
             }
-            assert!(cut.spans(123_456).is_empty());
+            assert!(bucketed.spans(123_456).is_empty());
+            assert_eq!(bucketed.summary().spans, serial.summary().spans, "{regions} regions, {bucket_bits} bits");
+            for few_phones in [1, 40, 100, FEW_PHONES] {
+                let listed =
+                    PhoneIndex::build_shaped(text.as_bytes(), &pool(2), shape(regions, bucket_bits, few_phones))
+                        .unwrap();
+                assert_same_index(
+                    &listed,
+                    &bucketed,
+                    &format!("{regions} regions, {bucket_bits} bits, {few_phones} lists"),
+                );
+            }
         }
     }
 
     #[test]
     fn a_region_whose_first_and_last_records_share_a_phone_keeps_them_apart() {
         let text = br#"[{"phone":1,"start_date":0,"end_date":1},{"phone":2,"start_date":0,"end_date":1},{"phone":1,"start_date":0,"end_date":1}]"#;
-        let index = PhoneIndex::build_shaped(text, &pool(1), BuildShape { regions: 1, bucket_bits: 2 }).unwrap();
-        assert_eq!(index.spans(1).len(), 2, "phone 2's record lies between them");
-        assert_eq!(index.spans(2).len(), 1);
+        for few_phones in [0, FEW_PHONES] {
+            let index = PhoneIndex::build_shaped(text, &pool(1), shape(1, 2, few_phones)).unwrap();
+            assert_eq!(index.spans(1).len(), 2, "phone 2's record lies between them");
+            assert_eq!(index.spans(2).len(), 1);
+        }
     }
 
     #[test]

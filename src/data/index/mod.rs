@@ -13,9 +13,11 @@
 //!
 //! Memory, exactly: 8 bytes per span (40-bit offset, 24-bit length), 16 per phone (the
 //! number and where its spans start), 8 per bucket. A file grouped by phone has about one
-//! span per 256 KiB; a time-ordered one has one span per record. The build also holds
-//! each span's phone beside it (16 bytes per span) until its bucket is grouped, so it
-//! peaks at about 24 bytes per span plus 32 per phone.
+//! span per 256 KiB; a time-ordered one has one span per record. The build holds each
+//! span once more until it is grouped: in a list of its phone's while a region has met
+//! few phones (8 bytes, so the build peaks at about 18 bytes per span), else beside its
+//! phone in a hash bucket (16 bytes: a peak of about 24 bytes per span plus 32 per
+//! phone).
 
 mod build;
 mod spans;

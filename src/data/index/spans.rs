@@ -285,7 +285,7 @@ mod tests {
             format!("[{}]", calls.join(","))
         };
         let shaped = |phones: &[u64], bucket_bits| {
-            let shape = super::super::BuildShape { regions: 2, bucket_bits };
+            let shape = super::super::BuildShape { regions: 2, bucket_bits, few_phones: 0 };
             PhoneIndex::build_shaped(json(phones).as_bytes(), &pool, shape).unwrap()
         };
         // 16 buckets of ~2,600 phones (interpolated); 256 of ~4 (binary searched).
