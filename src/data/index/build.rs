@@ -60,7 +60,8 @@ impl BuildShape {
         let regions = if len < PARALLEL_MIN_LEN { 1 } else { threads * REGIONS_PER_THREAD };
         let most_spans = len / MIN_RECORD_LEN;
         let buckets = most_spans.div_ceil(SPANS_PER_BUCKET).max(1).next_power_of_two();
-        BuildShape { regions, bucket_bits: buckets.trailing_zeros().min(MAX_BUCKET_BITS), few_phones: FEW_PHONES }
+        let few_phones = FEW_PHONES.min(len / regions / BYTES_PER_LISTED_PHONE);
+        BuildShape { regions, bucket_bits: buckets.trailing_zeros().min(MAX_BUCKET_BITS), few_phones }
     }
 }
 
@@ -167,6 +168,13 @@ type Items = Chunks<(u64, Span)>;
 /// into buckets and goes on there (a phone book does so within its first few thousand
 /// records).
 const FEW_PHONES: usize = 4096;
+
+/// A region keeps lists for at most one phone per this many bytes of it: a list costs
+/// about 200 bytes however few spans it gets (its entry, its first chunk, its slot in the
+/// map), so on a small region or a machine of many threads (many regions) the lists of
+/// phones with a handful of records each would cost more than buckets. At one per 16 KiB
+/// they cost at most about 1 % of the file's size.
+const BYTES_PER_LISTED_PHONE: usize = 16 * 1024;
 
 /// A region's spans while it has met at most [`FEW_PHONES`] phones: each phone's in file
 /// order, in a list of its own.
@@ -881,6 +889,18 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Lists are kept for up to 4,096 phones a region, and for no more than one phone per
+    /// 16 KiB of a region: a small file, or a file cut into many regions, lists fewer.
+    #[test]
+    fn the_shape_keeps_lists_for_as_many_phones_as_its_regions_pay_for() {
+        let reference = BuildShape::for_file(1_309_000_002, 2);
+        assert_eq!((reference.regions, reference.few_phones), (8, FEW_PHONES));
+        assert_eq!(BuildShape::for_file(1 << 20, 2), BuildShape { regions: 1, bucket_bits: 0, few_phones: 64 });
+        let many_threads = BuildShape::for_file(64 << 20, 64);
+        assert_eq!((many_threads.regions, many_threads.few_phones), (256, 16));
+        assert_eq!(BuildShape::for_file(100, 2).few_phones, 0);
     }
 
     #[test]
