@@ -406,27 +406,55 @@ mod tests {
         assert!(wait_until_gone(&weak, Duration::ZERO));
     }
 
+    /// A data file of one record served by an engine without a cache, its index not yet
+    /// stored, and a one-thread reload pool: the service just after its startup build.
+    struct Served {
+        dir: tempfile::TempDir,
+        data: std::path::PathBuf,
+        index_files: IndexFiles,
+        engine: Engine,
+        metrics: Arc<Metrics>,
+        reload_pool: WorkerPool,
+    }
+
+    fn record(phone: u64) -> String {
+        format!(r#"{{"phone":{phone},"start_date":0,"end_date":1000}}"#)
+    }
+
+    impl Served {
+        fn one_record() -> Served {
+            let dir = tempfile::tempdir().unwrap();
+            let data = dir.path().join("data.json");
+            std::fs::write(&data, format!("[{}]", record(1))).unwrap();
+            let index_files = IndexFiles::new(dir.path().join("indexes"));
+            std::fs::create_dir_all(index_files.dir()).unwrap();
+            let stats_pool = WorkerPool::new("test-stats", 1).unwrap();
+            let engine = Engine::builder(Segments::open(&data, &stats_pool).unwrap(), stats_pool).build();
+            let reload_pool = WorkerPool::new("test-reload", 1).unwrap();
+            Served { dir, data, index_files, engine, metrics: Arc::new(Metrics::new()), reload_pool }
+        }
+    }
+
+    /// Replaces `data` (in `dir`) by rename with a file of two records.
+    fn replace_with_two_records(dir: &std::path::Path, data: &std::path::Path) {
+        let next = dir.join("data.json.next");
+        std::fs::write(&next, format!("[{},{}]", record(2), record(2))).unwrap();
+        std::fs::rename(&next, data).unwrap();
+    }
+
     /// A data change that arrives while the index store of the data before is queued
-    /// on the reload thread is served as soon as it is indexed. That store swaps in the
-    /// stored index, then waits (up to `BUILT_COPY_WAIT`) for the version it replaced to
-    /// be dropped; until 2026-12-03 the watcher held that version while the change's
-    /// build waited behind the store, so the change was served 10 s late. Here the store
+    /// on the reload thread is served as soon as it is indexed. Until 2026-12-03 that
+    /// store, after swapping in the stored index, waited on the reload thread (up to
+    /// `BUILT_COPY_WAIT`) for the version it replaced to be dropped, while the watcher
+    /// held that version with the change's build queued behind the store: the change was
+    /// served 10 s late (the wait now has a thread of its own, see the test after). Here the store
     /// of the startup's index is held back by a gate until the watcher has settled on the
     /// change (its unserved gauge has reached half the settle time, which it sets after
     /// taking the served version), so the two meet in that order every run; the code
     /// before waited out the whole 10 s.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_indexed_behind_the_index_store_of_the_data_before_is_served_without_waiting_for_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data.json");
-        let record = |phone: u64| format!(r#"{{"phone":{phone},"start_date":0,"end_date":1000}}"#);
-        std::fs::write(&data, format!("[{}]", record(1))).unwrap();
-        let index_files = IndexFiles::new(dir.path().join("indexes"));
-        std::fs::create_dir_all(index_files.dir()).unwrap();
-        let stats_pool = WorkerPool::new("test-stats", 1).unwrap();
-        let engine = Engine::builder(Segments::open(&data, &stats_pool).unwrap(), stats_pool).build();
-        let metrics = Arc::new(Metrics::new());
-        let reload_pool = WorkerPool::new("test-reload", 1).unwrap();
+        let Served { dir, data, index_files, engine, metrics, reload_pool } = Served::one_record();
         let (open_gate, gate) = std::sync::mpsc::channel::<()>();
         reload_pool.spawn(move || {
             let _ = gate.recv();
@@ -442,9 +470,7 @@ mod tests {
         let watch = Watch { path: data.clone(), every, pool: reload_pool, index_files };
         let watcher = tokio::spawn(watch_data(engine.clone(), watch, Arc::clone(&metrics), events, shutdown.clone()));
 
-        let next = dir.path().join("data.json.next");
-        std::fs::write(&next, format!("[{},{}]", record(2), record(2))).unwrap();
-        std::fs::rename(&next, &data).unwrap();
+        replace_with_two_records(dir.path(), &data);
         let settled = tokio::time::timeout(Duration::from_secs(30), async {
             // The first look sets the gauge to microseconds, the look that settles to about
             // the settle time (a hair under it can happen: the gauge and the settling read
@@ -477,16 +503,7 @@ mod tests {
     /// change was served only when the holder let go or 10 s had passed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_task_holding_the_replaced_version_does_not_hold_up_the_next_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data.json");
-        let record = |phone: u64| format!(r#"{{"phone":{phone},"start_date":0,"end_date":1000}}"#);
-        std::fs::write(&data, format!("[{}]", record(1))).unwrap();
-        let index_files = IndexFiles::new(dir.path().join("indexes"));
-        std::fs::create_dir_all(index_files.dir()).unwrap();
-        let stats_pool = WorkerPool::new("test-stats", 1).unwrap();
-        let engine = Engine::builder(Segments::open(&data, &stats_pool).unwrap(), stats_pool).build();
-        let metrics = Arc::new(Metrics::new());
-        let reload_pool = WorkerPool::new("test-reload", 1).unwrap();
+        let Served { dir, data, index_files, engine, metrics, reload_pool } = Served::one_record();
         // A task in flight, holding the version built at startup.
         let task = engine.current();
         let (store_engine, served, files, store_metrics, store_pool) =
@@ -503,9 +520,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let watch = Watch { path: data.clone(), every: Duration::from_millis(20), pool: reload_pool, index_files };
         let watcher = tokio::spawn(watch_data(engine.clone(), watch, Arc::clone(&metrics), events, shutdown.clone()));
-        let next = dir.path().join("data.json.next");
-        std::fs::write(&next, format!("[{},{}]", record(2), record(2))).unwrap();
-        std::fs::rename(&next, &data).unwrap();
+        replace_with_two_records(dir.path(), &data);
         let swapped = tokio::time::timeout(BUILT_COPY_WAIT / 2, reloads.wait_for(|r| r.swapped >= 1)).await;
         assert!(
             swapped.is_ok(),
