@@ -63,7 +63,7 @@ const INDEX_FILE_GRACE: Duration = Duration::from_secs(60);
 /// [`Engine::use_stored_indexes`]), so that the heap a build leaves behind is freed
 /// rather than kept for the life of the process. Blocking (file writes): run it on
 /// `reload`, the reload pool, which also gives the freed memory back (see
-/// [`release_after`]).
+/// `release_after`).
 pub fn persist_indexes(engine: &Engine, data: Segments, files: &IndexFiles, metrics: &Metrics, reload: &WorkerPool) {
     let started = Instant::now();
     let (mut written, mut failed) = (0u64, 0u64);

@@ -50,7 +50,7 @@ pub struct BuildShape {
     /// log2 of the number of hash buckets phones are grouped into.
     pub bucket_bits: u32,
     /// How many phones a region keeps a list of its own for before it moves them into
-    /// buckets (see [`FEW_PHONES`]); 0 puts every span in a bucket from the start.
+    /// buckets (see `FEW_PHONES`); 0 puts every span in a bucket from the start.
     pub few_phones: usize,
 }
 
