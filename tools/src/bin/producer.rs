@@ -182,8 +182,8 @@ async fn run(command: Command, config: Config) -> Result<()> {
                 seed,
             };
             let bar = ProgressBar::with_draw_target(Some(tasks), ProgressDrawTarget::stderr());
-            bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} answered  {per_sec}  eta {eta}")?);
-            let summary = producer::load(&client, options, &|answered| bar.set_position(answered)).await?;
+            bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} answered  {per_sec}  eta {eta}  {msg}")?);
+            let summary = producer::load(&client, options, &|progress| show_progress(&bar, progress)).await?;
             bar.finish_and_clear();
             if json {
                 println!("{}", sonic_rs::to_string(&summary)?);
@@ -220,6 +220,18 @@ async fn run(command: Command, config: Config) -> Result<()> {
     };
     client.close().await;
     result
+}
+
+/// The bar at `progress`: answered tasks, and the broker's refusals once there are any
+/// (during a node's restart a quorum queue refuses publishes until its leader moves).
+fn show_progress(bar: &ProgressBar, progress: producer::Progress) {
+    bar.set_position(progress.answered);
+    if progress.republished + progress.refused > 0 {
+        bar.set_message(format!(
+            "refused publishes: {} sent again, {} given up",
+            progress.republished, progress.refused
+        ));
+    }
 }
 
 fn now_micros() -> u64 {

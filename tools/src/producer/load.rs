@@ -9,8 +9,9 @@ use hdrhistogram::Histogram;
 use lapin::options::{BasicPublishOptions, BasicQosOptions};
 use serde::Serialize;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// The load to generate.
@@ -117,17 +118,38 @@ impl std::fmt::Display for LoadSummary {
     }
 }
 
-/// How often a task is published before it counts as refused, and the pause before the
-/// next attempt (times the attempts so far).
-const PUBLISH_ATTEMPTS: u32 = 5;
+/// How often a task is published before it counts as refused.
+const PUBLISH_ATTEMPTS: u32 = 8;
+/// The pause before a refused task's second attempt; it doubles for each further one,
+/// up to `MAX_REPUBLISH_PAUSE`: the attempts span about 16 s, longer than a quorum
+/// queue's leader election after a node's restart.
 const REPUBLISH_PAUSE: Duration = Duration::from_millis(200);
+const MAX_REPUBLISH_PAUSE: Duration = Duration::from_secs(5);
 
-/// What the sender counted.
+/// The pause after the `attempt`-th refusal of a task.
+fn republish_pause(attempt: u32) -> Duration {
+    REPUBLISH_PAUSE.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(MAX_REPUBLISH_PAUSE)
+}
+
+/// What a load test has done so far: given to its `progress` callback after each answer
+/// and each publish the broker refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Distinct tasks answered.
+    pub answered: u64,
+    /// Publishes refused and made again.
+    pub republished: u64,
+    /// Tasks given up on after `PUBLISH_ATTEMPTS` refusals.
+    pub refused: u64,
+}
+
+/// The sender's refusals, counted where the receiver reads them, and a wake-up for it:
+/// refusals are progress too (and, while everything is refused, the only progress).
 #[derive(Debug, Default)]
-struct Sends {
-    sent: u64,
-    republished: u64,
-    refused: u64,
+struct Refusals {
+    republished: AtomicU64,
+    refused: AtomicU64,
+    changed: Notify,
 }
 
 /// What the sender waits for besides permits.
@@ -148,11 +170,12 @@ struct Ledger {
 
 /// Runs a load test: keeps `concurrency` tasks in flight until `tasks` are answered (or
 /// nothing arrives for `idle_timeout`), measuring each from publish to reply.
-/// `progress` is called with the number of tasks answered so far, after each answer.
+/// `progress` is called with what it has done so far after each answer and each refused
+/// publish.
 pub async fn load(
     client: &Client,
     options: LoadOptions,
-    progress: &(dyn Fn(u64) + Sync),
+    progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<LoadSummary, ClientError> {
     let (queue, mut replies) = client.reply_queue().await?;
     client.channel.basic_qos(0, BasicQosOptions::default()).await.map_err(amqp("basic.qos"))?;
@@ -162,13 +185,15 @@ pub async fn load(
     let stop = CancellationToken::new();
     let started = Instant::now();
 
+    let refusals = Arc::new(Refusals::default());
     let sender = {
         let (ledger, permits, stop, queue) = (Arc::clone(&ledger), Arc::clone(&permits), stop.clone(), queue.clone());
+        let refusals = Arc::clone(&refusals);
         let channel = client.channel.clone();
         let task_queue = client.task_queue.clone();
         tokio::spawn(async move {
             let mut rng = options.seed | 1;
-            let mut sends = Sends::default();
+            let mut sent = 0u64;
             // Confirms and the pauses before a refused task is published again.
             let mut pending = FuturesUnordered::<BoxFuture<'static, Event>>::new();
             let mut next_id = 0u64;
@@ -179,16 +204,18 @@ pub async fn load(
                     Some(event) = pending.next(), if !pending.is_empty() => match event {
                         Event::Accepted => continue,
                         Event::Refused { id, attempt, body } if attempt < PUBLISH_ATTEMPTS => {
-                            sends.republished += 1;
+                            refusals.republished.fetch_add(1, Ordering::Relaxed);
+                            refusals.changed.notify_one();
                             pending.push(async move {
-                                tokio::time::sleep(REPUBLISH_PAUSE * attempt).await;
+                                tokio::time::sleep(republish_pause(attempt)).await;
                                 Event::Again { id, attempt: attempt + 1, body }
                             }.boxed());
                             continue;
                         }
                         Event::Refused { .. } => {
                             // Never to be answered: its slot goes to the next task.
-                            sends.refused += 1;
+                            refusals.refused.fetch_add(1, Ordering::Relaxed);
+                            refusals.changed.notify_one();
                             permits.add_permits(1);
                             continue;
                         }
@@ -204,7 +231,7 @@ pub async fn load(
                         let phones =
                             if options.disjoint { disjoint_phones(id, &options) } else { pick_phones(&mut rng, &options) };
                         ledger.lock().sent_at[id as usize] = Some(Instant::now());
-                        sends.sent += 1;
+                        sent += 1;
                         (id, 1, task_body(id, &phones))
                     }
                 };
@@ -223,15 +250,27 @@ pub async fn load(
                     .boxed(),
                 );
             }
-            sends
+            sent
         })
+    };
+    let progress_now = |answered| Progress {
+        answered,
+        republished: refusals.republished.load(Ordering::Relaxed),
+        refused: refusals.refused.load(Ordering::Relaxed),
     };
 
     // 1 us .. 10 min at 3 significant digits; infallible for these constant bounds.
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("constant, valid bounds");
     let (mut answered, mut errors, mut duplicates) = (0u64, 0u64, 0u64);
     while answered < options.tasks {
-        let delivery = match tokio::time::timeout(options.idle_timeout, replies.next()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(options.idle_timeout, replies.next()) => next,
+            () = refusals.changed.notified() => {
+                progress(progress_now(answered));
+                continue;
+            }
+        };
+        let delivery = match next {
             Ok(Some(Ok(delivery))) => delivery,
             Ok(Some(Err(source))) => return Err(ClientError::Amqp { operation: "consume", source }),
             Ok(None) | Err(_) => break,
@@ -253,11 +292,12 @@ pub async fn load(
         answered += 1;
         errors += u64::from(is_error_report(&delivery.data));
         permits.add_permits(1);
-        progress(answered);
+        progress(progress_now(answered));
     }
     let elapsed = started.elapsed();
     stop.cancel();
-    let sends = sender.await.unwrap_or_default();
+    let sent = sender.await.unwrap_or_default();
+    let Progress { republished, refused, .. } = progress_now(answered);
     let ms = |micros: u64| micros as f64 / 1000.0;
     let latency = Latency {
         p50_ms: ms(histogram.value_at_quantile(0.50)),
@@ -269,14 +309,14 @@ pub async fn load(
     Ok(LoadSummary {
         tasks: options.tasks,
         concurrency: options.concurrency,
-        sent: sends.sent,
-        republished: sends.republished,
-        refused: sends.refused,
+        sent,
+        republished,
+        refused,
         answered,
         error_reports: errors,
         duplicates,
-        unanswered: sends.sent.saturating_sub(answered),
-        not_sent: options.tasks - sends.sent,
+        unanswered: sent.saturating_sub(answered),
+        not_sent: options.tasks - sent,
         elapsed_s: elapsed.as_secs_f64(),
         throughput_per_s: answered as f64 / elapsed.as_secs_f64().max(1e-9),
         latency,
@@ -310,6 +350,16 @@ fn pick_phones(rng: &mut u64, options: &LoadOptions) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused task waits 0.2 s, then twice as long after each further refusal, at
+    /// most 5 s: its eight attempts span about 16 s.
+    #[test]
+    fn a_refused_task_waits_longer_after_each_refusal_up_to_five_seconds() {
+        let pauses: Vec<u64> =
+            (1..PUBLISH_ATTEMPTS).map(|attempt| republish_pause(attempt).as_millis() as u64).collect();
+        assert_eq!(pauses, [200, 400, 800, 1_600, 3_200, 5_000, 5_000]);
+        assert_eq!(republish_pause(u32::MAX), MAX_REPUBLISH_PAUSE);
+    }
 
     #[test]
     fn picked_phones_are_distinct_and_in_range() {

@@ -13,6 +13,6 @@ mod load;
 
 pub use echo::echo;
 pub use freshness::{Freshness, FreshnessError, FreshnessOptions, freshness};
-pub use load::{Latency, LoadOptions, LoadSummary, load};
+pub use load::{Latency, LoadOptions, LoadSummary, Progress, load};
 
 pub use client::{Client, ClientError, FIRST_SAMPLE_ID, SAMPLE_TASKS, is_error_report, send_one, task_body};
