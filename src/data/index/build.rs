@@ -853,7 +853,11 @@ mod tests {
     /// region meets), against the build that puts every span in a bucket.
     #[test]
     fn regions_buckets_and_per_phone_lists_never_change_the_index() {
-        let record = |phone: u64, i: usize| format!(r#"{{"phone":{phone},"start_date":{i},"end_date":{}}}"#, i + 5);
+        // Every 101st record ends before it starts (counted in the summary).
+        let record = |phone: u64, i: usize| {
+            let end = if i.is_multiple_of(101) { i.saturating_sub(1) } else { i + 5 };
+            format!(r#"{{"phone":{phone},"start_date":{i},"end_date":{end}}}"#)
+        };
         // Runs of one phone (joined into spans), alternations, a phone that comes back,
         // and a stretch of 500 phones met once each (where lists overflow first).
         let phones: Vec<u64> = (0..3_000)
@@ -866,7 +870,7 @@ mod tests {
         let body: Vec<String> = phones.iter().enumerate().map(|(i, &p)| record(p, i)).collect();
         let text = format!("[{}]", body.join(","));
         let serial = PhoneIndex::build_shaped(text.as_bytes(), &pool(1), shape(1, 0, 0)).unwrap();
-        assert_eq!(serial.summary().records, 3_000);
+        assert_eq!((serial.summary().records, serial.summary().negative_durations), (3_000, 29));
         for (regions, bucket_bits) in [(1, 0), (2, 1), (7, 3), (31, 12)] {
             let bucketed = PhoneIndex::build_shaped(text.as_bytes(), &pool(2), shape(regions, bucket_bits, 0)).unwrap();
             for &phone in serial.phones() {
@@ -892,11 +896,79 @@ mod tests {
     #[test]
     fn the_shape_keeps_lists_for_as_many_phones_as_its_regions_pay_for() {
         let reference = BuildShape::for_file(1_309_000_002, 2);
-        assert_eq!((reference.regions, reference.few_phones), (8, FEW_PHONES));
+        assert_eq!((reference.regions, reference.bucket_bits, reference.few_phones), (8, MAX_BUCKET_BITS, FEW_PHONES));
+        assert_eq!(BuildShape::for_file(PARALLEL_MIN_LEN, 2).regions, 8, "parallel from 4 MiB");
+        assert_eq!(BuildShape::for_file(PARALLEL_MIN_LEN - 1, 2).regions, 1);
+        assert_eq!(BuildShape::for_file(80 << 20, 2).bucket_bits, 5, "2 M records at most: 32 buckets");
         assert_eq!(BuildShape::for_file(1 << 20, 2), BuildShape { regions: 1, bucket_bits: 0, few_phones: 64 });
         let many_threads = BuildShape::for_file(64 << 20, 64);
         assert_eq!((many_threads.regions, many_threads.few_phones), (256, 16));
         assert_eq!(BuildShape::for_file(100, 2).few_phones, 0);
+    }
+
+    /// A region keeps a list per phone up to its limit and moves them into buckets at
+    /// the first phone past it; and a region's items, kept either way, read back as the
+    /// same per-phone lists in file order.
+    #[test]
+    fn a_region_keeps_per_phone_lists_up_to_its_limit_then_buckets() {
+        let records: Vec<String> = [1u64, 2, 1, 3, 2, 3, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, phone)| format!(r#"{{"phone":{phone},"start_date":{i},"end_date":{}}}"#, i + 1))
+            .collect();
+        let text = format!("[{}]", records.join(","));
+        let scan = |few| scan_region(text.as_bytes(), 1, usize::MAX, Cut { parts: 1, bits: 2, few }).unwrap();
+        let lists = |sink: Sink| -> Vec<(u64, Vec<Span>)> {
+            let mut lists: Vec<(u64, Vec<Span>)> = sink
+                .into_lists()
+                .into_iter()
+                .map(|(phone, list)| (phone, list.into_chunks().flatten().collect()))
+                .collect();
+            lists.sort_by_key(|(phone, _)| *phone);
+            lists
+        };
+        let kept = scan(3);
+        let Sink::Few(few) = &kept.sink else { panic!("three phones fit three lists") };
+        assert_eq!(
+            few.lists.iter().map(|(phone, _)| *phone).collect::<Vec<_>>(),
+            [2, 1, 3],
+            "after the head, in the order met"
+        );
+        let moved = scan(2);
+        assert!(matches!(moved.sink, Sink::Buckets(_)), "a third phone does not fit two lists");
+        let listed = lists(kept.sink);
+        assert_eq!(listed, lists(moved.sink), "the same spans, by phone, in file order");
+        assert_eq!(
+            listed.iter().map(|(phone, spans)| (*phone, spans.len())).collect::<Vec<_>>(),
+            [(1, 1), (2, 2), (3, 2)]
+        );
+        assert!(listed.iter().all(|(_, spans)| spans.is_sorted()));
+    }
+
+    /// A run of one phone longer than a span's limit, cut by regions, stays in spans of
+    /// at most [`MAX_SPAN_LEN`] (split where the cuts fall, not where a serial scan splits
+    /// it: at most one more span per cut); short runs across the cuts of a file of over
+    /// 1 MiB are joined exactly as a serial scan joins them.
+    #[test]
+    fn spans_joined_across_region_cuts_stay_within_the_span_limit() {
+        let record = |phone: u64, i: usize| format!(r#"{{"phone":{phone},"start_date":{i},"end_date":{}}}"#, i + 5);
+        let mut phones: Vec<u64> = (0..15_000u64).map(|i| if i % 50 < 30 { 7 } else { 8 + i % 3 }).collect();
+        phones.extend(std::iter::repeat_n(9, 10_000));
+        let body: Vec<String> = phones.iter().enumerate().map(|(i, &p)| record(p, i)).collect();
+        let text = format!("[{}]", body.join(","));
+        assert!(text.len() > 1 << 20);
+        let serial = PhoneIndex::build_shaped(text.as_bytes(), &pool(1), shape(1, 0, 0)).unwrap();
+        for few_phones in [0, FEW_PHONES] {
+            let cut = PhoneIndex::build_shaped(text.as_bytes(), &pool(2), shape(13, 3, few_phones)).unwrap();
+            for phone in [7, 8, 10] {
+                assert_eq!(cut.spans(phone), serial.spans(phone), "phone {phone}, {few_phones} lists");
+            }
+            let long = cut.spans(9);
+            assert!(long.iter().all(|span| span.len() <= MAX_SPAN_LEN), "{few_phones} lists");
+            assert!(long.len() >= 2 && long.len() <= serial.spans(9).len() + 13, "{} spans", long.len());
+            assert_eq!(long.first().map(|s| s.start()), serial.spans(9).first().map(|s| s.start()));
+            assert_eq!(long.last().map(|s| s.end()), serial.spans(9).last().map(|s| s.end()));
+        }
     }
 
     #[test]
