@@ -791,6 +791,17 @@ mod tests {
         WorkerPool::new("test", threads).expect("test pool")
     }
 
+    /// A data file of one compact record per phone in `phones`, the `i`th starting at `i`
+    /// and ending at `end(i)`.
+    fn file_of(phones: &[u64], end: impl Fn(usize) -> usize) -> String {
+        let records: Vec<String> = phones
+            .iter()
+            .enumerate()
+            .map(|(i, phone)| format!(r#"{{"phone":{phone},"start_date":{i},"end_date":{}}}"#, end(i)))
+            .collect();
+        format!("[{}]", records.join(","))
+    }
+
     fn malformed(text: &[u8]) -> (u64, Expected) {
         match PhoneIndex::build(text, &pool(2)) {
             Err(DataError::Malformed { offset, expected, .. }) => (offset, expected),
@@ -853,11 +864,6 @@ mod tests {
     /// region meets), against the build that puts every span in a bucket.
     #[test]
     fn regions_buckets_and_per_phone_lists_never_change_the_index() {
-        // Every 101st record ends before it starts (counted in the summary).
-        let record = |phone: u64, i: usize| {
-            let end = if i.is_multiple_of(101) { i.saturating_sub(1) } else { i + 5 };
-            format!(r#"{{"phone":{phone},"start_date":{i},"end_date":{end}}}"#)
-        };
         // Runs of one phone (joined into spans), alternations, a phone that comes back,
         // and a stretch of 500 phones met once each (where lists overflow first).
         let phones: Vec<u64> = (0..3_000)
@@ -867,8 +873,8 @@ mod tests {
                 _ => i % 13 + (i % 5) * 1_000,
             })
             .collect();
-        let body: Vec<String> = phones.iter().enumerate().map(|(i, &p)| record(p, i)).collect();
-        let text = format!("[{}]", body.join(","));
+        // Every 101st record ends before it starts (counted in the summary).
+        let text = file_of(&phones, |i| if i.is_multiple_of(101) { i.saturating_sub(1) } else { i + 5 });
         let serial = PhoneIndex::build_shaped(text.as_bytes(), &pool(1), shape(1, 0, 0)).unwrap();
         assert_eq!((serial.summary().records, serial.summary().negative_durations), (3_000, 29));
         for (regions, bucket_bits) in [(1, 0), (2, 1), (7, 3), (31, 12)] {
@@ -911,12 +917,7 @@ mod tests {
     /// same per-phone lists in file order.
     #[test]
     fn a_region_keeps_per_phone_lists_up_to_its_limit_then_buckets() {
-        let records: Vec<String> = [1u64, 2, 1, 3, 2, 3, 1]
-            .iter()
-            .enumerate()
-            .map(|(i, phone)| format!(r#"{{"phone":{phone},"start_date":{i},"end_date":{}}}"#, i + 1))
-            .collect();
-        let text = format!("[{}]", records.join(","));
+        let text = file_of(&[1, 2, 1, 3, 2, 3, 1], |i| i + 1);
         let scan = |few| scan_region(text.as_bytes(), 1, usize::MAX, Cut { parts: 1, bits: 2, few }).unwrap();
         let lists = |sink: Sink| -> Vec<(u64, Vec<Span>)> {
             let mut lists: Vec<(u64, Vec<Span>)> = sink
@@ -951,11 +952,9 @@ mod tests {
     /// 1 MiB are joined exactly as a serial scan joins them.
     #[test]
     fn spans_joined_across_region_cuts_stay_within_the_span_limit() {
-        let record = |phone: u64, i: usize| format!(r#"{{"phone":{phone},"start_date":{i},"end_date":{}}}"#, i + 5);
         let mut phones: Vec<u64> = (0..15_000u64).map(|i| if i % 50 < 30 { 7 } else { 8 + i % 3 }).collect();
         phones.extend(std::iter::repeat_n(9, 10_000));
-        let body: Vec<String> = phones.iter().enumerate().map(|(i, &p)| record(p, i)).collect();
-        let text = format!("[{}]", body.join(","));
+        let text = file_of(&phones, |i| i + 5);
         assert!(text.len() > 1 << 20);
         let serial = PhoneIndex::build_shaped(text.as_bytes(), &pool(1), shape(1, 0, 0)).unwrap();
         for few_phones in [0, FEW_PHONES] {
