@@ -300,7 +300,7 @@ async fn headers_nested_two_thousand_deep_do_not_crash_the_process() {
 /// frame holds (tables 21,800 deep, arrays 26,000 deep) are decoded and answered by the
 /// release binary, which then answers an ordinary task. A debug build needs ~12 KiB of
 /// stack per level and cannot, so this needs `TEST_RELEASE_WORKER` (the path of a
-/// release build; CI builds one and runs it).
+/// release build; CI gives it the Docker image's binary).
 #[tokio::test]
 #[ignore = "needs TEST_RELEASE_WORKER=target/release/report-service (CI runs it)"]
 async fn headers_as_deep_as_a_frame_holds_are_answered_by_the_release_build() {
