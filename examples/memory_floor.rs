@@ -11,9 +11,23 @@
 //! 4. the whole index build, for comparison.
 //!
 //! Each on one thread and on two (the file split in halves), best of three.
+//!
+//! Then what the memory system alone costs a cold report, for the first 10 and the first
+//! 100 phones of the index (a cold report's phones, and a burst's: 10 tasks of 10):
+//!
+//! 5. reading every cache line of each of their records (a byte of each), span by span
+//!    in the order the report reads them, prefetching as it does (16 spans ahead), no
+//!    parsing: the floor of a report's record reads, on a mapping already touched (as
+//!    after an index build) and on a fresh one (as after a restart from a stored index,
+//!    every page faulting once);
+//! 6. the report's own aggregation of the same spans (`Dataset::aggregate`), for
+//!    comparison.
+//!
+//! Both on one thread and on two (the phones in halves, as the pool runs them), best of
+//! three.
 
 use memmap2::Mmap;
-use report_service::data::PhoneIndex;
+use report_service::data::{Dataset, PhoneIndex, PhonePrefix, READ_AHEAD, Span};
 use report_service::platform::pool::WorkerPool;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -81,6 +95,86 @@ fn main() -> anyhow::Result<()> {
             scatter.as_secs_f64() * 1e3,
             build.as_secs_f64() * 1e3
         );
+    }
+    scattered_reads(&path, &file)
+}
+
+/// Runs `work` on each of `threads` equal parts of `phones`, at once.
+fn split_phones(phones: &[(u64, &[Span])], threads: usize, work: impl Fn(&[(u64, &[Span])]) -> u64 + Sync) -> u64 {
+    let part = phones.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = phones.chunks(part).map(|chunk| scope.spawn(|| work(chunk))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    })
+}
+
+/// Reads every cache line of every span of `phones` in `bytes` (a byte of each), the
+/// spans `READ_AHEAD` ahead prefetched as the aggregation does, and parses nothing.
+fn read_spans(bytes: &[u8], phones: &[(u64, &[Span])]) -> u64 {
+    let mut acc = 0u64;
+    for &(_, spans) in phones {
+        for (i, span) in spans.iter().enumerate() {
+            if let Some(ahead) = spans.get(i + READ_AHEAD) {
+                let line = bytes[ahead.start()..].as_ptr();
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: SSE is in the x86-64 baseline; a prefetch cannot fault.
+                unsafe {
+                    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+                    _mm_prefetch::<_MM_HINT_T0>(line.cast());
+                    _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64).cast());
+                }
+                black_box(line);
+            }
+            // Every cache line of the span, a byte of each: the lines are what costs.
+            let record = &bytes[span.start()..span.end()];
+            acc += record.iter().step_by(64).map(|&b| u64::from(b)).sum::<u64>();
+            acc += u64::from(record.last().copied().unwrap_or(0));
+        }
+    }
+    acc
+}
+
+fn scattered_reads(path: &str, file: &std::fs::File) -> anyhow::Result<()> {
+    let pool = WorkerPool::new("floor", 2)?;
+    let dataset = Dataset::open(path.as_ref(), &pool)?;
+    for count in [10, 100] {
+        let phones: Vec<u64> = dataset.index().phones().iter().copied().take(count).collect();
+        let spans = dataset.spans_of_each(&phones);
+        let phones: Vec<(u64, &[Span])> = phones.iter().copied().zip(spans).collect();
+        let records: usize = phones.iter().map(|(_, spans)| spans.len()).sum();
+        let bytes: usize = phones.iter().flat_map(|(_, spans)| spans.iter()).map(|span| span.len()).sum();
+        println!("{count} phones: {} spans, {:.1} MB of records (the whole spans)", records, bytes as f64 / 1e6);
+        for threads in [1, 2] {
+            // SAFETY: the file is not modified while the example runs.
+            let touched = unsafe { Mmap::map(file) }?;
+            let _ = split(&touched, 1, |part| part.iter().step_by(4096).map(|&b| u64::from(b)).sum());
+            let (warm, _) = best(3, || split_phones(&phones, threads, |part| read_spans(&touched, part)));
+            let (fresh, _) = best(3, || {
+                // SAFETY: as above.
+                let map = unsafe { Mmap::map(file) }.expect("map");
+                split_phones(&phones, threads, |part| read_spans(&map, part))
+            });
+            let (aggregate, _) = best(3, || {
+                split_phones(&phones, threads, |part| {
+                    part.iter()
+                        .map(|&(phone, spans)| {
+                            dataset.aggregate(spans, &PhonePrefix::new(phone)).map(|stats| stats.records).unwrap_or(0)
+                        })
+                        .sum()
+                })
+            });
+            let per = |d: Duration| d.as_secs_f64() * 1e9 / records.max(1) as f64;
+            println!(
+                "  {threads} thread(s): read the records {:.1} ms ({:.0} ns a record), on a fresh mapping {:.1} ms ({:.0} ns); aggregate {:.1} ms ({:.0} ns): {:.2}x the read",
+                warm.as_secs_f64() * 1e3,
+                per(warm),
+                fresh.as_secs_f64() * 1e3,
+                per(fresh),
+                aggregate.as_secs_f64() * 1e3,
+                per(aggregate),
+                aggregate.as_secs_f64() / warm.as_secs_f64()
+            );
+        }
     }
     Ok(())
 }
