@@ -23,11 +23,11 @@
 //! 6. the report's own aggregation of the same spans (`Dataset::aggregate`), for
 //!    comparison.
 //!
-//! Both on one thread and on two (the phones in halves, as the pool runs them), best of
+//! Both on one thread and on two (the phones in halves, the same split for both), best of
 //! three.
 
 use memmap2::Mmap;
-use report_service::data::{Dataset, PhoneIndex, PhonePrefix, READ_AHEAD, Span};
+use report_service::data::{Dataset, PhoneIndex, PhonePrefix, READ_AHEAD, Span, prefetch};
 use report_service::platform::pool::WorkerPool;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
         let (touch, _) = best(3, || {
             // SAFETY: the file is not modified while the example runs.
             let map = unsafe { Mmap::map(&file) }.expect("map");
-            split(&map, threads, |part| part.iter().step_by(4096).map(|&b| u64::from(b)).sum())
+            split(&map, threads, touch_pages)
         });
         let map = unsafe { Mmap::map(&file) }?;
         let (read, _) = best(3, || {
@@ -99,6 +99,11 @@ fn main() -> anyhow::Result<()> {
     scattered_reads(&path, &file)
 }
 
+/// Reads a byte of every page of `part`, so each page of a fresh mapping faults once.
+fn touch_pages(part: &[u8]) -> u64 {
+    part.iter().step_by(4096).map(|&b| u64::from(b)).sum()
+}
+
 /// Runs `work` on each of `threads` equal parts of `phones`, at once.
 fn split_phones(phones: &[(u64, &[Span])], threads: usize, work: impl Fn(&[(u64, &[Span])]) -> u64 + Sync) -> u64 {
     let part = phones.len().div_ceil(threads).max(1);
@@ -115,15 +120,7 @@ fn read_spans(bytes: &[u8], phones: &[(u64, &[Span])]) -> u64 {
     for &(_, spans) in phones {
         for (i, span) in spans.iter().enumerate() {
             if let Some(ahead) = spans.get(i + READ_AHEAD) {
-                let line = bytes[ahead.start()..].as_ptr();
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: SSE is in the x86-64 baseline; a prefetch cannot fault.
-                unsafe {
-                    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-                    _mm_prefetch::<_MM_HINT_T0>(line.cast());
-                    _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64).cast());
-                }
-                black_box(line);
+                prefetch::bytes(bytes, ahead.start());
             }
             // Every cache line of the span, a byte of each: the lines are what costs.
             let record = &bytes[span.start()..span.end()];
@@ -147,7 +144,7 @@ fn scattered_reads(path: &str, file: &std::fs::File) -> anyhow::Result<()> {
         for threads in [1, 2] {
             // SAFETY: the file is not modified while the example runs.
             let touched = unsafe { Mmap::map(file) }?;
-            let _ = split(&touched, 1, |part| part.iter().step_by(4096).map(|&b| u64::from(b)).sum());
+            black_box(split(&touched, 1, touch_pages));
             let (warm, _) = best(3, || split_phones(&phones, threads, |part| read_spans(&touched, part)));
             let (fresh, _) = best(3, || {
                 // SAFETY: as above.

@@ -12,7 +12,7 @@ mod index;
 pub mod index_files;
 mod mmap;
 mod number;
-mod prefetch;
+pub mod prefetch;
 pub mod scan;
 pub mod segments;
 pub mod stats;

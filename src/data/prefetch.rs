@@ -4,9 +4,10 @@
 //! hints: they never fault, change nothing, and past a slice's end do nothing.
 
 /// Starts loading the two cache lines at `offset` of `bytes` (a compact record is 60-90
-/// bytes).
+/// bytes). Public so that `examples/memory_floor.rs` measures with the aggregation's own
+/// prefetch.
 #[inline(always)]
-pub(crate) fn bytes(bytes: &[u8], offset: usize) {
+pub fn bytes(bytes: &[u8], offset: usize) {
     if let Some(tail) = bytes.get(offset..) {
         let line = tail.as_ptr();
         hint(line);
